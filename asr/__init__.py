@@ -1,0 +1,26 @@
+"""Speech recognition with a latency-controlled bidirectional LSTM trained with CTC.
+
+>>> import asr
+>>> recognizer = asr.load_model()            # the bundled English model
+>>> result = recognizer.transcribe("talk.wav")
+>>> result.text, result.words[0].start
+"""
+
+from .audio import SAMPLE_RATE, AudioError, load_audio
+from .checkpoint import CheckpointError
+from .decoding import Transcript, Word
+from .recognizer import BUNDLED_MODEL, DecodeOptions, Recognizer, load_model
+
+__version__ = "0.1.0"
+__all__ = [
+    "BUNDLED_MODEL",
+    "SAMPLE_RATE",
+    "AudioError",
+    "CheckpointError",
+    "DecodeOptions",
+    "Recognizer",
+    "Transcript",
+    "Word",
+    "load_audio",
+    "load_model",
+]

@@ -1,0 +1,197 @@
+"""The `asr` command: transcribe and benchmark here; other packages add subcommands via entry points."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from .audio import AudioError
+from .checkpoint import CheckpointError
+from .formats import FORMATS, format_transcript
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".au", ".webm"}
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="model file (default: the bundled English model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0 = torch's default)")
+    p.add_argument("--chunk-frames", type=int, default=None, help="override the model's chunk size (30 ms frames)")
+    p.add_argument("--lookahead-frames", type=int, default=None, help="override the model's lookahead (30 ms frames)")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .recognizer import DecodeOptions, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args.model, args.device, DecodeOptions(args.chunk_frames, args.lookahead_frames))
+
+
+def expand_inputs(paths: list[str]) -> tuple[list[tuple[str, Path | None]], list[str]]:
+    """Files and folders (searched recursively for audio) -> [(path, root folder or None)], missing paths."""
+    found, missing = [], []
+    for raw in paths:
+        if raw == "-":
+            found.append(("-", None))
+            continue
+        path = Path(raw)
+        if path.is_dir():
+            found.extend((str(f), path) for f in sorted(path.rglob("*")) if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
+        elif path.exists():
+            found.append((raw, None))
+        else:
+            missing.append(raw)
+    return found, missing
+
+
+def _output_path(out_dir: Path, source: str, root: Path | None, fmt: str) -> Path:
+    if source == "-":
+        return out_dir / f"stdin.{fmt}"
+    relative = Path(source).relative_to(root) if root else Path(Path(source).name)
+    return out_dir / relative.with_suffix(f".{fmt}")
+
+
+def run_transcribe(args: argparse.Namespace) -> int:
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        print(f"error: unknown format(s) {unknown}; choose from {', '.join(FORMATS)}", file=sys.stderr)
+        return EXIT_USAGE
+    inputs, missing = expand_inputs(args.paths)
+    for path in missing:
+        print(f"error: {path}: no such file or folder", file=sys.stderr)
+    if not inputs:
+        print("error: no audio files to transcribe", file=sys.stderr)
+        return EXIT_USAGE if not missing else EXIT_SOME_FAILED
+    if args.jobs < 1:
+        print("error: --jobs must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.jobs > 1 and not args.threads:
+        args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    try:
+        recognizer = _load(args)
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    stdin_bytes = sys.stdin.buffer.read() if any(src == "-" for src, _ in inputs) else None
+    out_dir = Path(args.output_dir) if args.output_dir else None
+
+    def work(item: tuple[str, Path | None]):
+        source, _ = item
+        try:
+            return recognizer.transcribe(stdin_bytes if source == "-" else source), None
+        except (AudioError, RuntimeError, ValueError, MemoryError) as error:
+            return None, str(error)
+
+    failed = 0
+    progress = None
+    if len(inputs) > 1 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(inputs), unit="file", file=sys.stderr, dynamic_ncols=True)
+    several = len(inputs) > 1 or len(formats) > 1
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for (source, root), (transcript, error) in zip(inputs, pool.map(work, inputs)):
+            if progress is not None:
+                progress.update(1)
+            if error is not None:
+                failed += 1
+                message = f"error: {source}: {error}"
+                (progress.write(message, file=sys.stderr) if progress is not None else print(message, file=sys.stderr))
+                continue
+            name = "<stdin>" if source == "-" else source
+            for fmt in formats:
+                text = format_transcript(transcript, fmt, name)
+                if out_dir is not None:
+                    target = _output_path(out_dir, source, root, fmt)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(text, encoding="utf-8")
+                elif fmt == "json" and several:
+                    import json
+
+                    sys.stdout.write(json.dumps(json.loads(text)) + "\n")
+                else:
+                    sys.stdout.write((f"==> {name} ({fmt}) <==\n" if several else "") + text)
+            sys.stdout.flush()
+    if progress is not None:
+        progress.close()
+    if failed or missing:
+        print(f"{failed + len(missing)} of {len(inputs) + len(missing)} input(s) failed", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def add_transcribe_parser(subparsers) -> None:
+    p = subparsers.add_parser("transcribe", help="transcribe audio files, folders or stdin",
+                              description="Transcribe audio files (wav, flac, ogg/opus, mp3, ...), folders (recursively) or '-' for stdin.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="audio file, folder, or - for stdin")
+    p.add_argument("-f", "--format", default="txt", help=f"output format(s), comma-separated: {', '.join(FORMATS)}")
+    p.add_argument("-o", "--output-dir", help="write <name>.<format> files here instead of printing")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="files transcribed in parallel")
+    p.add_argument("--no-progress", action="store_true")
+    _add_model_options(p)
+    p.set_defaults(handler=run_transcribe)
+
+
+def run_bench_offline(args: argparse.Namespace) -> int:
+    from .bench import offline_benchmark
+
+    try:
+        recognizer = _load(args)
+        result = offline_benchmark(recognizer, args.paths, long_minutes=args.long_minutes)
+    except (CheckpointError, AudioError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    import json
+
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_bench_parser(subparsers):
+    bench = subparsers.add_parser("bench", help="benchmarks (speed, memory, accuracy)")
+    bench_commands = bench.add_subparsers(dest="benchmark", required=True)
+    p = bench_commands.add_parser("offline", help="offline real-time factor and peak memory")
+    p.add_argument("paths", nargs="+", metavar="AUDIO_OR_MANIFEST", help="audio files or JSONL manifests")
+    p.add_argument("--long-minutes", type=float, default=0, help="also transcribe one recording this long (concatenated inputs)")
+    _add_model_options(p)
+    p.set_defaults(handler=run_bench_offline, threads=1)
+    return bench_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="asr", description="Speech recognition with a latency-controlled BiLSTM-CTC model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_transcribe_parser(subparsers)
+    bench_commands = add_bench_parser(subparsers)
+    for entry in sorted(entry_points(group="asr.commands"), key=lambda e: e.name):
+        entry.load()(subparsers, bench_commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.time()
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.time() - started:.0f} s", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""CTC decoding to text with per-word times and confidences."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .text import Vocabulary
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start: float  # seconds
+    end: float  # seconds
+    confidence: float  # 0..1
+
+
+@dataclass
+class Transcript:
+    text: str
+    words: list[Word] = field(default_factory=list)
+    duration: float = 0.0  # seconds of audio
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "duration": self.duration, "words": [asdict(w) for w in self.words]}
+
+
+def greedy_decode(log_probs: torch.Tensor, vocabulary: Vocabulary, frame_shift: float, offset: float = 0.0) -> Transcript:
+    """Best path of log_probs (frames, vocab): collapse repeats, drop blanks, split words at spaces.
+
+    A word spans from the first frame of its first character to the end of the last frame of its
+    last character; its confidence is the geometric mean of the best-path posteriors of its characters.
+    """
+    if log_probs.ndim != 2:
+        raise ValueError(f"log_probs must be (frames, vocab), got {tuple(log_probs.shape)}")
+    best, ids = log_probs.float().max(dim=-1)
+    ids_np, best_np = ids.cpu().numpy(), best.cpu().numpy()
+    words: list[Word] = []
+    chars: list[str] = []
+    scores: list[float] = []
+    start = end = 0
+    previous = 0
+
+    def flush() -> None:
+        if chars:
+            confidence = float(np.exp(np.mean(scores)))
+            words.append(Word("".join(chars), round(offset + start * frame_shift, 3), round(offset + end * frame_shift, 3), round(confidence, 4)))
+            chars.clear()
+            scores.clear()
+
+    for t, token in enumerate(ids_np):
+        token = int(token)
+        if token != 0 and token == previous:
+            if token != vocabulary.space_id:  # a repeated frame extends the current character
+                end = t + 1
+                scores[-1] = max(scores[-1], float(best_np[t]))
+        elif token != 0:
+            if token == vocabulary.space_id:
+                flush()
+            else:
+                if not chars:
+                    start = t
+                chars.append(vocabulary.tokens[token])
+                scores.append(float(best_np[t]))
+                end = t + 1
+        previous = token
+    flush()
+    return Transcript(" ".join(w.text for w in words), words, 0.0)

@@ -1,0 +1,175 @@
+"""Stacked latency-controlled bidirectional LSTM (or GRU) with a CTC output layer.
+
+Each layer has a forward RNN that runs over the whole stream, carrying its state, and a backward
+RNN that runs over each chunk of ``chunk_frames`` plus ``lookahead_frames`` of right context,
+starting from a zero state. The model therefore gives the same output offline and when audio
+arrives chunk by chunk, with ``lookahead_frames`` of latency. ``chunk_frames=0`` means the whole
+utterance is one chunk (an ordinary BLSTM).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+RNNState = list  # per layer: (h, c) for LSTM or h for GRU, each (1, batch, hidden)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_mels: int = 80
+    stack_frames: int = 3  # consecutive 10 ms frames concatenated: 30 ms model frames
+    hidden_size: int = 256
+    num_layers: int = 3
+    cell: str = "lstm"  # "lstm" or "gru"
+    dropout: float = 0.15
+    vocab_size: int = 29
+    chunk_frames: int = 13  # model frames per chunk (0 = whole utterance)
+    lookahead_frames: int = 10  # model frames of right context for the backward direction
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("lstm", "gru"):
+            raise ValueError(f"cell must be 'lstm' or 'gru', got {self.cell!r}")
+        if min(self.n_mels, self.stack_frames, self.hidden_size, self.num_layers, self.vocab_size) < 1:
+            raise ValueError("sizes must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+        if self.chunk_frames < 0 or self.lookahead_frames < 0:
+            raise ValueError("chunk_frames and lookahead_frames must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_chunking(self, chunk_frames: int, lookahead_frames: int) -> ModelConfig:
+        return replace(self, chunk_frames=chunk_frames, lookahead_frames=lookahead_frames)
+
+
+def _reverse_valid(x: Tensor, lengths: Tensor) -> Tensor:
+    """Reverse the first lengths[b] steps of each sequence in x (batch, time, dim); padding stays put."""
+    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    lengths = lengths.unsqueeze(1)
+    index = torch.where(steps < lengths, lengths - 1 - steps, steps)
+    return x.gather(1, index.unsqueeze(2).expand_as(x))
+
+
+class ChunkedBiRNNLayer(nn.Module):
+    def __init__(self, input_size: int, hidden_size: int, cell: str) -> None:
+        super().__init__()
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.forward_rnn = rnn(input_size, hidden_size, batch_first=True)
+        self.backward_rnn = rnn(input_size, hidden_size, batch_first=True)
+
+    def forward(
+        self, main: Tensor, context: Tensor, window_lengths: Tensor, chunk: int, state
+    ) -> tuple[Tensor, Tensor, object]:
+        """main (B, N*C, D), context (B, N, R, D), window_lengths (B*N,) -> outputs of width 2H.
+
+        Returns main_out (B, N*C, 2H), context_out (B, N, R, 2H) and the forward state after main.
+        """
+        batch, frames, dim = main.shape
+        n_chunks, lookahead = context.shape[1], context.shape[2]
+        forward_parts, chunk_states = [], []
+        for start in range(0, frames, chunk):
+            out, state = self.forward_rnn(main[:, start : start + chunk], state)
+            forward_parts.append(out)
+            chunk_states.append(state)
+        forward_main = torch.cat(forward_parts, dim=1)
+
+        windows = torch.cat([main.view(batch, n_chunks, chunk, dim), context], dim=2)
+        windows = windows.reshape(batch * n_chunks, chunk + lookahead, dim)
+        backward = _reverse_valid(self.backward_rnn(_reverse_valid(windows, window_lengths))[0], window_lengths)
+        backward = backward.view(batch, n_chunks, chunk + lookahead, -1)
+        backward_main = backward[:, :, :chunk].reshape(batch, frames, -1)
+        main_out = torch.cat([forward_main, backward_main], dim=2)
+
+        if lookahead == 0:
+            return main_out, context.new_zeros(batch, n_chunks, 0, main_out.shape[2]), state
+        # The forward direction over the right context continues from each chunk's end state.
+        def stack(states):  # per-chunk (1, B, H) -> (1, N*B, H), ordered batch-major like windows
+            return torch.stack(states, dim=2).flatten(1, 2)
+
+        if isinstance(state, tuple):
+            init = tuple(stack([s[i] for s in chunk_states]) for i in range(2))
+        else:
+            init = stack(chunk_states)
+        forward_context = self.forward_rnn(context.reshape(batch * n_chunks, lookahead, dim), init)[0]
+        context_out = torch.cat([forward_context.view(batch, n_chunks, lookahead, -1), backward[:, :, chunk:]], dim=3)
+        return main_out, context_out, state
+
+
+class CTCModel(nn.Module):
+    """features (B, T, n_mels) normalised log-mel -> log-probabilities (B, T // stack, vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("feature_mean", torch.zeros(config.n_mels))
+        self.register_buffer("feature_std", torch.ones(config.n_mels))
+        input_size = config.n_mels * config.stack_frames
+        self.layers = nn.ModuleList(
+            ChunkedBiRNNLayer(input_size if i == 0 else 2 * config.hidden_size, config.hidden_size, config.cell)
+            for i in range(config.num_layers)
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.output = nn.Linear(2 * config.hidden_size, config.vocab_size)
+
+    def set_normalization(self, mean: Tensor, std: Tensor) -> None:
+        self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.feature_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-5))
+
+    def subsample(self, features: Tensor) -> Tensor:
+        """Normalise and stack: (B, T, n_mels) -> (B, T // stack, n_mels * stack)."""
+        stack = self.config.stack_frames
+        batch, frames, dim = features.shape
+        usable = frames - frames % stack
+        x = (features[:, :usable] - self.feature_mean) / self.feature_std
+        return x.reshape(batch, usable // stack, dim * stack)
+
+    def forward(
+        self,
+        features: Tensor,
+        lengths: Tensor,
+        state: RNNState | None = None,
+        num_output: int | None = None,
+        chunk_frames: int | None = None,
+    ) -> tuple[Tensor, Tensor, RNNState]:
+        """Run the encoder over features (B, T, n_mels) with valid lengths (B,) in 10 ms frames.
+
+        Model frames beyond ``num_output`` (default: all) are used only as right context.
+        Returns log_probs (B, num_output, vocab), output lengths (B,) and the forward states
+        after the last output frame, to pass as ``state`` for the next piece of the stream.
+        """
+        x = self.subsample(features)
+        lengths = torch.div(lengths, self.config.stack_frames, rounding_mode="floor").clamp(max=x.shape[1])
+        total = x.shape[1]
+        num_output = total if num_output is None else num_output
+        chunk = self.config.chunk_frames if chunk_frames is None else chunk_frames
+        chunk = chunk or max(num_output, 1)
+        lookahead = self.config.lookahead_frames if chunk < num_output or total > num_output else 0
+        n_chunks = max(1, math.ceil(num_output / chunk))
+        padded = n_chunks * chunk + lookahead
+        if padded > total:
+            x = nn.functional.pad(x, (0, 0, 0, padded - total))
+        context_index = (
+            torch.arange(1, n_chunks + 1, device=x.device).unsqueeze(1) * chunk
+            + torch.arange(lookahead, device=x.device).unsqueeze(0)
+        )
+        chunk_starts = torch.arange(n_chunks, device=x.device) * chunk
+        window_lengths = (lengths.unsqueeze(1) - chunk_starts.unsqueeze(0)).clamp(0, chunk + lookahead).flatten()
+
+        main, context = x[:, : n_chunks * chunk], x[:, context_index]
+        state = list(state) if state is not None else [None] * len(self.layers)
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                main, context = self.dropout(main), self.dropout(context)
+            main, context, state[i] = layer(main, context, window_lengths, chunk, state[i])
+        logits = self.output(self.dropout(main[:, :num_output]))
+        return logits.log_softmax(dim=-1), lengths.clamp(max=num_output), state
+
+    @property
+    def frame_shift_frames(self) -> int:
+        """10 ms feature frames per model frame."""
+        return self.config.stack_frames

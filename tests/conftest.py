@@ -1,0 +1,50 @@
+"""Shared fixtures: real audio clips and a tiny model overfitted on two of them in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from asr.model import ModelConfig
+
+DATA = Path(__file__).parent / "data"
+CLIPS = {"how_much_was_it.opus": "how much was it", "does_that_look_good.opus": "does that look good"}
+
+torch.set_num_threads(1)
+
+
+def write_manifest(path: Path, clips: dict[str, str], repeat: int = 1) -> Path:
+    lines = [json.dumps({"audio": str(DATA / name), "duration": 1.0, "text": text}) for name, text in clips.items()]
+    path.write_text("\n".join(lines * repeat) + "\n")
+    return path
+
+
+TINY_MODEL = ModelConfig(hidden_size=64, num_layers=2, dropout=0.0, chunk_frames=8, lookahead_frames=4)
+
+
+def tiny_train_config(folder: Path, manifest: Path, **overrides):
+    from training.trainer import TrainConfig
+
+    settings = dict(train_manifests=(str(manifest),), output_dir=str(folder / "run"), model=TINY_MODEL, epochs=6, batch_frames=200,
+                    learning_rate=0.01, warmup_steps=10, specaugment=False, cache_dir=str(folder / "cache"), workers=1,
+                    progress=False, checkpoint_every=10**6)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def overfit_manifest(tmp_path_factory) -> Path:
+    # The two utterances repeated, so an "epoch" is 25 steps of two utterances each.
+    return write_manifest(tmp_path_factory.mktemp("manifest") / "train.jsonl", CLIPS, repeat=25)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, overfit_manifest) -> Path:
+    """A 2-layer, 64-unit model trained until it transcribes the two clips (about 10-20 s on one core)."""
+    from training.trainer import train
+
+    folder = tmp_path_factory.mktemp("tiny")
+    return train(tiny_train_config(folder, overfit_manifest), log=lambda _msg: None)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from asr.model import CTCModel, ModelConfig
+
+
+def make_model(**kw) -> CTCModel:
+    torch.manual_seed(0)
+    return CTCModel(ModelConfig(hidden_size=32, num_layers=3, **kw)).eval()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_output_shapes_and_lengths(cell):
+    model = make_model(cell=cell, chunk_frames=5, lookahead_frames=3)
+    feats = torch.randn(3, 100, 80)
+    lengths = torch.tensor([100, 61, 8])
+    log_probs, out_lengths, state = model(feats, lengths)
+    assert log_probs.shape == (3, 33, 29)
+    assert out_lengths.tolist() == [33, 20, 2]
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(3, 33), atol=1e-5)
+    assert len(state) == 3
+
+
+def test_padding_does_not_change_outputs():
+    model = make_model(chunk_frames=4, lookahead_frames=2)
+    a, b = torch.randn(1, 90, 80), torch.randn(1, 50, 80)
+    batch = torch.zeros(2, 90, 80)
+    batch[0], batch[1, :50] = a[0], b[0]
+    together, lengths, _ = model(batch, torch.tensor([90, 50]))
+    alone_a = model(a, torch.tensor([90]))[0]
+    alone_b = model(b, torch.tensor([50]))[0]
+    torch.testing.assert_close(together[0], alone_a[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(together[1, : lengths[1]], alone_b[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("chunk,lookahead", [(4, 2), (5, 7), (3, 0)])
+def test_chunk_by_chunk_with_carried_state_equals_one_pass(cell, chunk, lookahead):
+    """Feeding one chunk plus its lookahead at a time, carrying the forward state, equals the batched pass."""
+    model = make_model(cell=cell, chunk_frames=chunk, lookahead_frames=lookahead)
+    stack = model.config.stack_frames
+    feats = torch.randn(1, 3 * 47, 80)
+    whole = model(feats, torch.tensor([feats.shape[1]]))[0][0]
+    state, pieces, start = None, [], 0
+    step, context = chunk * stack, lookahead * stack
+    while feats.shape[1] - start >= step + context:
+        piece = feats[:, start : start + step + context]
+        out, _, state = model(piece, torch.tensor([piece.shape[1]]), state, num_output=chunk)
+        pieces.append(out[0])
+        start += step
+    rest = feats[:, start:]
+    out, _, state = model(rest, torch.tensor([rest.shape[1]]), state)
+    pieces.append(out[0])
+    torch.testing.assert_close(torch.cat(pieces), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_lookahead_limits_what_the_output_depends_on():
+    """An output frame changes when input within chunk + lookahead changes, never beyond it."""
+    model = make_model(chunk_frames=4, lookahead_frames=2)
+    feats = torch.randn(1, 3 * 40, 80)
+    base = model(feats, torch.tensor([120]))[0][0]
+    changed = feats.clone()
+    changed[:, 3 * 20 :] += 1.0  # model frames 20+ (chunk 5 onwards) perturbed
+    out = model(changed, torch.tensor([120]))[0][0]
+    # chunk 3 (frames 12-15) sees frames up to 17: unchanged; chunk 4 (16-19) sees 20, 21: changed
+    torch.testing.assert_close(out[:16], base[:16])
+    assert not torch.allclose(out[16:20], base[16:20])
+
+
+def test_full_context_mode_is_an_ordinary_blstm():
+    """chunk_frames=0: the first output depends on input far beyond any lookahead."""
+    feats = torch.randn(1, 90, 80)
+    changed = feats.clone()
+    changed[:, 30:33] += 3.0  # model frame 10
+    for chunk, affected in ((0, True), (4, False)):
+        model = make_model(chunk_frames=chunk, lookahead_frames=2)
+        first = model(feats, torch.tensor([90]))[0][0, 0]
+        first_changed = model(changed, torch.tensor([90]))[0][0, 0]
+        assert (not torch.allclose(first, first_changed)) == affected
+
+
+def test_invalid_config_is_rejected():
+    with pytest.raises(ValueError, match="cell"):
+        ModelConfig(cell="transformer")
+    with pytest.raises(ValueError):
+        ModelConfig(chunk_frames=-1)

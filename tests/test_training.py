@@ -1,0 +1,95 @@
+import json
+import subprocess
+import sys
+
+import torch
+
+from asr import load_model
+from asr.checkpoint import load_model_file
+from tests.conftest import CLIPS, DATA, tiny_train_config, write_manifest
+from training.data import bucket_batches, build_examples, load_features
+from training.manifest import from_librispeech, from_table, read_manifest
+from training.trainer import train
+
+
+def test_tiny_model_overfits_two_utterances(tiny_model):
+    recognizer = load_model(tiny_model, "cpu")
+    for name, text in CLIPS.items():
+        result = recognizer.transcribe(DATA / name)
+        assert result.text == text
+        assert [w.text for w in result.words] == text.split()
+        assert all(0 <= w.start < w.end <= result.duration + 0.03 for w in result.words)
+    metadata = load_model_file(tiny_model).metadata
+    assert metadata["epochs_completed"] == 6
+
+
+def test_training_writes_metrics_and_curves(tiny_model):
+    folder = tiny_model.parent
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("time,epoch,step,split,loss,grad_norm")
+    losses = [float(r.split(",")[4]) for r in rows[1:] if ",train," in r]
+    assert losses[-1] < losses[0] / 5
+    assert (folder / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_is_exact(tmp_path, overfit_manifest):
+    straight = train(tiny_train_config(tmp_path / "a", overfit_manifest, epochs=2, specaugment=True, model=_small()), log=lambda _m: None)
+    # Stop in the middle of the first epoch, then resume in a new call.
+    config = tiny_train_config(tmp_path / "b", overfit_manifest, epochs=2, specaugment=True, model=_small(), max_steps=13)
+    train(config, log=lambda _m: None)
+    from dataclasses import replace
+
+    resumed = train(replace(config, max_steps=0), log=lambda _m: None)
+    a, b = load_model_file(straight).model.state_dict(), load_model_file(resumed).model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def _small():
+    from asr.model import ModelConfig
+
+    return ModelConfig(hidden_size=16, num_layers=1, dropout=0.2, chunk_frames=4, lookahead_frames=2)
+
+
+def test_bucketed_batches_respect_budget_and_split_across_ranks(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", {**CLIPS, "LJ001-0008.opus": "has never been surpassed", "LJ002-0179.opus": "and costing eleven pounds fifteen shillings eight pence within ten days"}, repeat=5)
+    from asr.features import FeatureConfig
+    from asr.text import Vocabulary
+
+    fs = load_features(manifest, FeatureConfig(), tmp_path / "cache")
+    examples, skipped = build_examples([fs], Vocabulary(), 3, 10_000)
+    assert len(examples) == 20 and skipped == 0
+    batches = bucket_batches(examples, 1200, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(20))
+    for b in batches:
+        assert len(b) == 1 or max(examples[i].frames for i in b) * len(b) <= 1200
+    assert bucket_batches(examples, 1200, seed=1, epoch=0) == batches
+    assert bucket_batches(examples, 1200, seed=1, epoch=1) != batches
+    rank0 = bucket_batches(examples, 1200, 1, 0, rank=0, world_size=2)
+    rank1 = bucket_batches(examples, 1200, 1, 0, rank=1, world_size=2)
+    assert len(rank0) == len(rank1) and not {i for b in rank0 for i in b} & {i for b in rank1 for i in b}
+
+
+def test_manifest_converters(tmp_path):
+    chapter = tmp_path / "LibriSpeech" / "dev" / "19" / "198"
+    chapter.mkdir(parents=True)
+    for i, name in enumerate(CLIPS):
+        (chapter / f"19-198-000{i}.opus").write_bytes((DATA / name).read_bytes())
+    (chapter / "19-198.trans.txt").write_text("19-198-0000 HOW MUCH WAS IT\n19-198-0001 DOES THAT LOOK GOOD\n")
+    utterances = from_librispeech(tmp_path / "LibriSpeech")
+    assert [u.text for u in utterances] == list(CLIPS.values())
+    assert utterances[0].speaker == "19" and 0.5 < utterances[0].duration < 1.2
+
+    table = tmp_path / "cv" / "train.tsv"
+    (tmp_path / "cv" / "clips").mkdir(parents=True)
+    (tmp_path / "cv" / "clips" / "a.opus").write_bytes((DATA / "LJ001-0008.opus").read_bytes())
+    table.write_text("client_id\tpath\tsentence\nspk1\ta.opus\tHas never been surpassed!\n")
+    rows = from_table(table)
+    assert rows[0].text == "has never been surpassed" and rows[0].raw_text == "Has never been surpassed!"
+
+    out = tmp_path / "out" / "train.jsonl"
+    result = subprocess.run([sys.executable, "-m", "asr", "manifest", "librispeech", str(tmp_path / "LibriSpeech"), "-o", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert [u.text for u in read_manifest(out)] == list(CLIPS.values())
+    assert json.loads(out.read_text().splitlines()[0])["audio"].startswith("../")

@@ -1,0 +1,172 @@
+"""`asr train`, `asr eval`, `asr manifest` and `asr bench train` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from asr.model import ModelConfig
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a BiLSTM-CTC model on JSONL manifests",
+                              description="Train a stacked (latency-controlled) BiLSTM-CTC model. Run under torchrun for several GPUs/processes.")
+    p.add_argument("--train", nargs="+", required=True, metavar="MANIFEST", help="training manifests (JSONL)")
+    p.add_argument("--dev", nargs="*", default=[], metavar="MANIFEST", help="validation manifests, scored each epoch")
+    p.add_argument("-o", "--output-dir", required=True, help="folder for checkpoints, metrics.csv, curves and model.pt; rerun to resume")
+    d = ModelConfig()
+    p.add_argument("--hidden-size", type=int, default=d.hidden_size)
+    p.add_argument("--num-layers", type=int, default=d.num_layers)
+    p.add_argument("--cell", choices=("lstm", "gru"), default=d.cell)
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help="30 ms frames per chunk for the backward direction (0 = full utterance)")
+    p.add_argument("--lookahead-frames", type=int, default=d.lookahead_frames, help="30 ms frames of right context")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-frames", type=int, default=40_000, help="padded 10 ms frames per batch and process")
+    p.add_argument("--max-utterance-seconds", type=float, default=40.0)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--clip-grad-norm", type=float, default=5.0)
+    p.add_argument("--no-specaugment", action="store_true")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--cache-dir", default="cache", help="where extracted features are cached")
+    p.add_argument("--workers", type=int, default=2, help="processes for feature extraction")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = run all epochs)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .trainer import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = ModelConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, cell=args.cell, dropout=args.dropout,
+                        chunk_frames=args.chunk_frames, lookahead_frames=args.lookahead_frames)
+    config = TrainConfig(
+        train_manifests=tuple(args.train), dev_manifests=tuple(args.dev), output_dir=args.output_dir, model=model,
+        epochs=args.epochs, batch_frames=args.batch_frames, max_utterance_seconds=args.max_utterance_seconds,
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_grad_norm=args.clip_grad_norm, specaugment=not args.no_specaugment, amp=not args.no_amp, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir, workers=args.workers, device=args.device,
+        max_steps=args.max_steps, progress=not args.no_progress,
+    )
+    train(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from asr.checkpoint import CheckpointError
+    from asr.recognizer import DecodeOptions, load_model
+
+    from .evaluate import evaluate_manifest
+    from .manifest import ManifestError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        recognizer = load_model(args.model, args.device, DecodeOptions(args.chunk_frames, args.lookahead_frames))
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results, failed = [], 0
+    for manifest in args.manifests:
+        try:
+            results.append(evaluate_manifest(recognizer, manifest, args.limit))
+        except (ManifestError, ValueError, OSError) as error:  # AudioError is a ValueError
+            print(f"error: {manifest}: {error}", file=sys.stderr)
+            failed += 1
+    print(f"{'manifest':45s} {'utts':>5s} {'hours':>6s} {'WER %':>7s} {'CER %':>7s} {'RTF':>7s}")
+    for r in results:
+        print(f"{r['manifest']:45s} {r['utterances']:5d} {r['audio_seconds'] / 3600:6.2f} {100 * r['wer']:7.2f} {100 * r['cer']:7.2f} {r['rtf']:7.4f}")
+    print(f"torch threads: {torch.get_num_threads()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+def add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="WER, CER and real-time factor on manifests")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p.add_argument("-m", "--model", help="model file (default: the bundled model)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    p.add_argument("--chunk-frames", type=int, default=None)
+    p.add_argument("--lookahead-frames", type=int, default=None)
+    p.add_argument("--limit", type=int, default=0, help="score only the first N utterances of each manifest")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(handler=run_eval)
+
+
+def run_manifest(args: argparse.Namespace) -> int:
+    from .manifest import ManifestError, from_librispeech, from_table, write_manifest
+
+    try:
+        if args.source == "librispeech":
+            utterances = from_librispeech(args.input)
+        else:
+            utterances = from_table(args.input, args.audio_column, args.text_column)
+    except ManifestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    count = write_manifest(utterances, args.output)
+    hours = sum(u.duration for u in utterances) / 3600
+    print(f"wrote {count} utterances ({hours:.2f} h) to {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_manifest_parser(subparsers) -> None:
+    p = subparsers.add_parser("manifest", help="make a JSONL manifest from a LibriSpeech folder or a TSV/CSV table")
+    p.add_argument("source", choices=("librispeech", "table"))
+    p.add_argument("input", help="LibriSpeech root folder, or a .tsv/.csv file with a header")
+    p.add_argument("-o", "--output", required=True, help="manifest to write (JSONL)")
+    p.add_argument("--audio-column", default="path", help="table column with audio paths (Common Voice: path)")
+    p.add_argument("--text-column", default="sentence", help="table column with transcripts (Common Voice: sentence)")
+    p.set_defaults(handler=run_manifest)
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    from .bench import training_throughput
+
+    print(json.dumps(training_throughput(args.manifest, args.steps, args.batch_frames, args.hidden_size, args.num_layers,
+                                         args.device, args.cache_dir, args.chunk_frames, args.lookahead_frames), indent=2))
+    return 0
+
+
+def add_bench_train_parser(bench_commands) -> None:
+    p = bench_commands.add_parser("train", help="training throughput in audio seconds per wall second")
+    p.add_argument("manifest", help="training manifest to draw batches from")
+    d = ModelConfig()
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch-frames", type=int, default=30_000)
+    p.add_argument("--hidden-size", type=int, default=d.hidden_size)
+    p.add_argument("--num-layers", type=int, default=d.num_layers)
+    p.add_argument("--chunk-frames", type=int, default=d.chunk_frames)
+    p.add_argument("--lookahead-frames", type=int, default=d.lookahead_frames)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache-dir", default="cache")
+    p.set_defaults(handler=run_bench_train)
+
+
+def register(subparsers, bench_commands) -> None:
+    add_train_parser(subparsers)
+    add_eval_parser(subparsers)
+    add_manifest_parser(subparsers)
+    add_bench_train_parser(bench_commands)
+
+
+if __name__ == "__main__":  # python -m training.cli ... is the same as asr ...
+    from asr.cli import main
+
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Feature caching, length-bucketed batching and SpecAugment for CTC training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asr.audio import AudioError, load_audio
+from asr.features import FeatureConfig, LogMelExtractor, compute_features
+from asr.text import Vocabulary
+
+from .manifest import Utterance, read_manifest
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class FeatureSet:
+    """Log-mel features of a manifest, stored as one (total_frames, n_mels) float16 array."""
+
+    utterances: list[Utterance]
+    features: np.ndarray  # (total_frames, n_mels) float16, memory-mapped
+    offsets: np.ndarray  # (N + 1,) int64 frame offsets
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def frames(self, index: int) -> np.ndarray:
+        return self.features[self.offsets[index] : self.offsets[index + 1]]
+
+    def num_frames(self, index: int) -> int:
+        return int(self.offsets[index + 1] - self.offsets[index])
+
+
+_extractor: LogMelExtractor | None = None
+
+
+def _init_worker(config: FeatureConfig) -> None:
+    global _extractor
+    torch.set_num_threads(1)
+    _extractor = LogMelExtractor(config)
+
+
+def _featurise(path: Path) -> np.ndarray | str:
+    assert _extractor is not None
+    try:
+        return compute_features(load_audio(path), _extractor).astype(np.float16)
+    except AudioError as error:
+        return str(error)
+
+
+def _cache_key(manifest: Path, config: FeatureConfig) -> str:
+    stat = manifest.stat()
+    key = json.dumps([CACHE_VERSION, str(manifest.resolve()), stat.st_size, stat.st_mtime_ns, config.to_dict()])
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def load_features(
+    manifest: str | os.PathLike, config: FeatureConfig, cache_dir: str | os.PathLike, workers: int = 1
+) -> FeatureSet:
+    """Features of every utterance in a manifest, computed once and cached under ``cache_dir``.
+
+    Unreadable audio files are reported in the error, never silently dropped.
+    """
+    manifest = Path(manifest)
+    utterances = read_manifest(manifest)
+    folder = Path(cache_dir) / f"{manifest.parent.name}-{manifest.stem}-{_cache_key(manifest, config)}"
+    feats_path, offsets_path = folder / "features.npy", folder / "offsets.npy"
+    if not offsets_path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [u.audio for u in utterances]
+        if workers > 1:
+            with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (config,)) as pool:
+                results = pool.map(_featurise, paths, chunksize=8)
+        else:
+            _init_worker(config)
+            results = [_featurise(p) for p in paths]
+        errors = [r for r in results if isinstance(r, str)]
+        if errors:
+            raise AudioError(f"{len(errors)} unreadable file(s) in {manifest}, first: {errors[0]}")
+        offsets = np.zeros(len(results) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(r) for r in results])
+        np.save(feats_path, np.concatenate(results) if offsets[-1] else np.zeros((0, config.n_mels), np.float16))
+        np.save(offsets_path.with_suffix(".tmp.npy"), offsets)
+        os.replace(offsets_path.with_suffix(".tmp.npy"), offsets_path)  # written last: marks the cache complete
+    return FeatureSet(utterances, np.load(feats_path, mmap_mode="r"), np.load(offsets_path))
+
+
+def feature_statistics(sets: list[FeatureSet]) -> tuple[np.ndarray, np.ndarray]:
+    """Global per-bin mean and standard deviation (n_mels,) over all frames of the given sets."""
+    total = 0
+    sums = sq = None
+    for fs in sets:
+        for start in range(0, len(fs.features), 200_000):
+            block = np.asarray(fs.features[start : start + 200_000], dtype=np.float64)
+            sums = block.sum(0) + (0 if sums is None else sums)
+            sq = (block**2).sum(0) + (0 if sq is None else sq)
+            total += len(block)
+    if not total:
+        raise ValueError("no feature frames to compute statistics from")
+    mean = sums / total
+    std = np.sqrt(np.maximum(sq / total - mean**2, 1e-10))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Example:
+    set_index: int
+    utt_index: int
+    frames: int
+    targets: tuple[int, ...]
+    duration: float
+
+
+def build_examples(sets: list[FeatureSet], vocabulary: Vocabulary, stack_frames: int, max_frames: int) -> tuple[list[Example], int]:
+    """Usable (example) utterances and the number skipped as too long or too short for CTC."""
+    examples, skipped = [], 0
+    for si, fs in enumerate(sets):
+        for ui, utt in enumerate(fs.utterances):
+            frames = fs.num_frames(ui)
+            targets = vocabulary.encode(utt.text)
+            repeats = sum(a == b for a, b in zip(targets, targets[1:]))
+            if not targets or frames > max_frames or frames // stack_frames < len(targets) + repeats:
+                skipped += 1
+                continue
+            examples.append(Example(si, ui, frames, tuple(targets), frames / 100.0))
+    return examples, skipped
+
+
+def bucket_batches(
+    examples: list[Example], batch_frames: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
+    """Batches of similar length whose padded size stays under ``batch_frames`` 10 ms frames.
+
+    The order depends only on (seed, epoch), so an interrupted epoch can be resumed exactly.
+    Each rank gets every world_size-th batch; all ranks get the same number of batches.
+    """
+    rng = random.Random(seed * 100_003 + epoch)
+    order = sorted(range(len(examples)), key=lambda i: (examples[i].frames, rng.random()))
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, examples[i].frames)
+        if current and longest_if_added * (len(current) + 1) > batch_frames:
+            batches.append(current)
+            current, longest_if_added = [], examples[i].frames
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    usable = len(batches) - len(batches) % world_size if len(batches) >= world_size else len(batches)
+    return batches[rank:usable:world_size]
+
+
+def collate(sets: list[FeatureSet], examples: list[Example], batch: list[int]) -> dict[str, torch.Tensor]:
+    """Pad a batch: features (B, T, n_mels), lengths (B,), targets (sum U,), target_lengths (B,)."""
+    items = [examples[i] for i in batch]
+    longest = max(e.frames for e in items)
+    n_mels = sets[0].features.shape[1]
+    features = np.zeros((len(items), longest, n_mels), dtype=np.float32)
+    for row, e in enumerate(items):
+        features[row, : e.frames] = sets[e.set_index].frames(e.utt_index)
+    return {
+        "features": torch.from_numpy(features),
+        "lengths": torch.tensor([e.frames for e in items]),
+        "targets": torch.tensor([t for e in items for t in e.targets]),
+        "target_lengths": torch.tensor([len(e.targets) for e in items]),
+        "duration": torch.tensor(sum(e.duration for e in items)),
+    }
+
+
+class SpecAugment(torch.nn.Module):
+    """Frequency and time masks (torchaudio transforms) on normalised features (B, T, n_mels)."""
+
+    def __init__(self, freq_masks: int = 2, freq_width: int = 15, time_masks: int = 2, time_width: int = 40) -> None:
+        super().__init__()
+        try:
+            import torchaudio.transforms as T
+        except (ImportError, OSError) as error:
+            raise RuntimeError(
+                f"SpecAugment needs torchaudio, which failed to load ({error}); install a torchaudio "
+                "matching your torch build, or train with --no-specaugment"
+            ) from error
+        self.masks = torch.nn.ModuleList(
+            [T.FrequencyMasking(freq_width, iid_masks=True) for _ in range(freq_masks)]
+            + [T.TimeMasking(time_width, iid_masks=True, p=0.2) for _ in range(time_masks)]
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.transpose(1, 2).unsqueeze(1)  # torchaudio masks expect (B, C, freq, time)
+        for mask in self.masks:
+            x = mask(x)
+        return x.squeeze(1).transpose(1, 2)

@@ -1,0 +1,368 @@
+"""CTC training loop: AdamW with warm-up and cosine decay, gradient clipping, AMP on CUDA,
+periodic checkpoints with exact resume, per-epoch validation, DistributedDataParallel."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from asr.checkpoint import ModelBundle, save_model
+from asr.decoding import greedy_decode
+from asr.features import FeatureConfig
+from asr.model import CTCModel, ModelConfig
+from asr.text import Vocabulary
+
+from .data import (
+    FeatureSet,
+    SpecAugment,
+    bucket_batches,
+    build_examples,
+    collate,
+    feature_statistics,
+    load_features,
+)
+from .metrics import error_rates
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    train_manifests: tuple[str, ...]
+    output_dir: str
+    dev_manifests: tuple[str, ...] = ()
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 10
+    batch_frames: int = 40_000  # padded 10 ms frames per batch (per process)
+    max_utterance_seconds: float = 40.0
+    learning_rate: float = 2e-3
+    min_learning_rate_ratio: float = 0.05
+    warmup_steps: int = 300
+    weight_decay: float = 1e-2
+    clip_grad_norm: float = 5.0
+    specaugment: bool = True
+    amp: bool = True  # mixed precision, CUDA only
+    seed: int = 1234
+    checkpoint_every: int = 200  # steps
+    cache_dir: str = "cache"
+    workers: int = 2  # processes for feature extraction
+    device: str = "auto"
+    max_steps: int = 0  # stop after this many optimiser steps in total (0 = no limit)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.train_manifests:
+            raise ValueError("at least one training manifest is required")
+        if self.epochs < 1 or self.batch_frames < 100 or self.learning_rate <= 0:
+            raise ValueError("epochs >= 1, batch_frames >= 100 and learning_rate > 0 are required")
+        if self.clip_grad_norm <= 0:
+            raise ValueError("clip_grad_norm must be positive")
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; initialises the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world_size
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _lr_lambda(config: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+        floor = config.min_learning_rate_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),
+        "python": json.dumps(random.getstate()[1]),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.seed(0)
+    random.seed(0)
+
+
+@torch.no_grad()
+def validate(model: CTCModel, dev: FeatureSet, vocabulary: Vocabulary, device: torch.device, batch_frames: int) -> dict:
+    """Greedy-decode a feature set: {'wer', 'cer', 'utterances'}."""
+    model.eval()
+    order = sorted(range(len(dev)), key=dev.num_frames)
+    hyps, refs, batch = {}, {}, []
+
+    def run(batch: list[int]) -> None:
+        longest = max(dev.num_frames(i) for i in batch)
+        feats = torch.zeros(len(batch), longest, dev.features.shape[1])
+        for row, i in enumerate(batch):
+            feats[row, : dev.num_frames(i)] = torch.from_numpy(np.asarray(dev.frames(i), dtype=np.float32))
+        lengths = torch.tensor([dev.num_frames(i) for i in batch])
+        log_probs, out_lengths, _ = model(feats.to(device), lengths.to(device))
+        for row, i in enumerate(batch):
+            hyps[i] = greedy_decode(log_probs[row, : out_lengths[row]], vocabulary, 0.03).text
+
+    for i in order:
+        if batch and dev.num_frames(i) * (len(batch) + 1) > batch_frames:
+            run(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        run(batch)
+    refs = [dev.utterances[i].text for i in range(len(dev))]
+    rates = error_rates(refs, [hyps[i] for i in range(len(dev))])
+    return {**rates, "utterances": len(dev)}
+
+
+class MetricsLog:
+    """Appends rows to metrics.csv and redraws training_curves.png."""
+
+    FIELDS = ("time", "epoch", "step", "split", "loss", "grad_norm", "lr", "audio_sec_per_sec", "wer", "cer")
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "metrics.csv"
+        self.plot_path = folder / "training_curves.png"
+        if not self.path.exists():
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(self.FIELDS)
+
+    def write(self, **row) -> None:
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow([row.get(k, "") for k in self.FIELDS])
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with self.path.open() as handle:
+            rows = list(csv.DictReader(handle))
+        train = [r for r in rows if r["split"] == "train"]
+        dev = [r for r in rows if r["split"] not in ("train", "")]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        axes[0].plot([int(r["step"]) for r in train], [float(r["loss"]) for r in train])
+        axes[0].set(title="training CTC loss", xlabel="step", yscale="log")
+        axes[1].plot([int(r["step"]) for r in train], [float(r["grad_norm"]) for r in train])
+        axes[1].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
+        for split in sorted({r["split"] for r in dev}):
+            pts = [r for r in dev if r["split"] == split]
+            axes[2].plot([int(r["epoch"]) for r in pts], [100 * float(r["wer"]) for r in pts], marker="o", label=f"{split} WER")
+            axes[2].plot([int(r["epoch"]) for r in pts], [100 * float(r["cer"]) for r in pts], marker="x", ls="--", label=f"{split} CER")
+        axes[2].set(title="validation (greedy)", xlabel="epoch", ylabel="%")
+        if dev:
+            axes[2].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(self.plot_path, dpi=80)
+        plt.close(fig)
+
+
+def _set_name(manifest: str) -> str:
+    path = Path(manifest)
+    return f"{path.parent.name}/{path.stem}"
+
+
+def train(config: TrainConfig, log=print) -> Path:
+    """Train (or resume) a model; returns the path of the final model file."""
+    rank, local_rank, world_size = _distributed()
+    device = _device(config.device, local_rank)
+    main_process = rank == 0
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    feature_config = FeatureConfig()
+    vocabulary = Vocabulary()
+    if config.model.vocab_size != len(vocabulary):
+        raise ValueError(f"model vocab_size must be {len(vocabulary)}")
+    # Rank 0 extracts features first; the others then read its cache.
+    if main_process:
+        train_sets = [load_features(m, feature_config, config.cache_dir, config.workers) for m in config.train_manifests]
+        dev_sets = [load_features(m, feature_config, config.cache_dir, config.workers) for m in config.dev_manifests]
+    if world_size > 1:
+        dist.barrier()
+    if not main_process:
+        train_sets = [load_features(m, feature_config, config.cache_dir, 1) for m in config.train_manifests]
+        dev_sets = []
+    max_frames = int(config.max_utterance_seconds * 100)
+    examples, skipped = build_examples(train_sets, vocabulary, config.model.stack_frames, max_frames)
+    if not examples:
+        raise ValueError("no usable training utterances")
+    hours = sum(e.duration for e in examples) / 3600
+    if main_process:
+        log(f"training on {len(examples)} utterances ({hours:.2f} h), skipped {skipped}; {world_size} process(es) on {device}")
+
+    model = CTCModel(config.model)
+    mean, std = feature_statistics(train_sets)
+    model.set_normalization(torch.from_numpy(mean), torch.from_numpy(std))
+    model.to(device)
+    ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = len(bucket_batches(examples, config.batch_frames, config.seed, 0, rank, world_size))
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    augment = SpecAugment().to(device) if config.specaugment else None
+    ctc_loss = torch.nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
+
+    epoch, step_in_epoch, global_step, best_wer = 0, 0, 0, math.inf
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state["config"] != json.dumps(asdict(config.model)):
+            raise ValueError(f"{state_path} was written for a different model configuration; use a new output folder")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, step_in_epoch, global_step, best_wer = state["epoch"], state["step_in_epoch"], state["global_step"], state["best_wer"]
+        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        if main_process:
+            log(f"resumed from {state_path}: epoch {epoch + 1}, step {global_step}")
+
+    metrics = MetricsLog(out) if main_process else None
+    metadata = {
+        "train_manifests": [_set_name(m) for m in config.train_manifests],
+        "train_hours": round(hours, 3),
+        "train_config": json.dumps({k: v for k, v in asdict(config).items() if k != "model"}),
+        "device": str(device.type),
+        "world_size": world_size,
+    }
+
+    def bundle(extra: dict) -> ModelBundle:
+        return ModelBundle(model, feature_config, vocabulary, {**metadata, **extra})
+
+    def save_state() -> None:
+        rng = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rng, _rng_state())
+        else:
+            rng = [_rng_state()]
+        if not main_process:
+            return
+        state = {
+            "config": json.dumps(asdict(config.model)),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "best_wer": best_wer,
+            "rng": rng,
+        }
+        torch.save(state, state_path.with_suffix(".tmp"))
+        os.replace(state_path.with_suffix(".tmp"), state_path)
+        save_model(bundle({"epochs_completed": epoch, "steps": global_step}), out / "last.pt")
+
+    started = time.time()
+    stopped_early = False
+    while epoch < config.epochs and not stopped_early:
+        batches = bucket_batches(examples, config.batch_frames, config.seed, epoch, rank, world_size)
+        progress = None
+        if main_process and config.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True)
+        ddp_model.train()
+        window_audio, window_time = 0.0, time.time()
+        for batch_index in range(step_in_epoch, len(batches)):
+            batch = collate(train_sets, examples, batches[batch_index])
+            feats = batch["features"].to(device, non_blocking=True)
+            lengths = batch["lengths"].to(device)
+            if augment is not None:
+                normalised = (feats - model.feature_mean) / model.feature_std
+                feats = augment(normalised) * model.feature_std + model.feature_mean
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                log_probs, out_lengths, _ = ddp_model(feats, lengths)
+            loss_sum = ctc_loss(log_probs.float().transpose(0, 1), batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device))
+            loss = loss_sum / feats.shape[0]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            global_step += 1
+            step_in_epoch = batch_index + 1
+            window_audio += float(batch["duration"]) * world_size
+
+            if global_step % 10 == 0 or step_in_epoch == len(batches):
+                throughput = window_audio / max(1e-6, time.time() - window_time)
+                window_audio, window_time = 0.0, time.time()
+                if metrics is not None:
+                    metrics.write(time=round(time.time() - started, 1), epoch=epoch + 1, step=global_step, split="train", loss=round(loss.item(), 4),
+                                  grad_norm=round(grad_norm, 4), lr=f"{scheduler.get_last_lr()[0]:.3g}", audio_sec_per_sec=round(throughput, 1))
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss.item():.3f}", gnorm=f"{grad_norm:.2f}", audio_s_per_s=f"{throughput:.0f}")
+            if progress is not None:
+                progress.update(1)
+            if global_step % config.checkpoint_every == 0:
+                save_state()
+            if config.max_steps and global_step >= config.max_steps:
+                stopped_early = True
+                break
+        if progress is not None:
+            progress.close()
+        if stopped_early:
+            save_state()
+            break
+        epoch, step_in_epoch = epoch + 1, 0
+        if main_process:
+            summary = []
+            wers = []
+            for manifest, dev in zip(config.dev_manifests, dev_sets):
+                result = validate(model, dev, vocabulary, device, config.batch_frames)
+                wers.append(result["wer"])
+                metrics.write(time=round(time.time() - started, 1), epoch=epoch, step=global_step, split=_set_name(manifest), wer=round(result["wer"], 4), cer=round(result["cer"], 4))
+                summary.append(f"{_set_name(manifest)} WER {100 * result['wer']:.1f}% CER {100 * result['cer']:.1f}%")
+            metrics.plot()
+            log(f"epoch {epoch}: " + ("; ".join(summary) if summary else "no dev set"))
+            if wers and float(np.mean(wers)) < best_wer:
+                best_wer = float(np.mean(wers))
+                save_model(bundle({"epochs_completed": epoch, "steps": global_step, "dev_wer": round(best_wer, 4)}), out / "best.pt")
+        save_state()
+
+    final = out / "last.pt"
+    if main_process:
+        final_model = out / "model.pt"
+        source = out / "best.pt" if (out / "best.pt").is_file() else final
+        os.replace(source, final_model) if source != final else save_model(bundle({"epochs_completed": epoch, "steps": global_step}), final_model)
+        log(f"model written to {final_model} ({time.time() - started:.0f} s)")
+        final = final_model
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
