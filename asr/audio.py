@@ -44,9 +44,7 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
         return np.ascontiguousarray(audio, dtype=np.float32)
     import soxr
 
-    return soxr.resample(np.asarray(audio, dtype=np.float32), orig_sr, target_sr, quality="HQ").astype(
-        np.float32, copy=False
-    )
+    return soxr.resample(np.asarray(audio, dtype=np.float32), orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
 
 
 class StreamResampler:

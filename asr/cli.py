@@ -132,8 +132,11 @@ def run_transcribe(args: argparse.Namespace) -> int:
 
 
 def add_transcribe_parser(subparsers) -> None:
-    p = subparsers.add_parser("transcribe", help="transcribe audio files, folders or stdin",
-                              description="Transcribe audio files (wav, flac, ogg/opus, mp3, ...), folders (recursively) or '-' for stdin.")
+    p = subparsers.add_parser(
+        "transcribe",
+        help="transcribe audio files, folders or stdin",
+        description="Transcribe audio files (wav, flac, ogg/opus, mp3, ...), folders (recursively) or '-' for stdin.",
+    )
     p.add_argument("paths", nargs="+", metavar="PATH", help="audio file, folder, or - for stdin")
     p.add_argument("-f", "--format", default="txt", help=f"output format(s), comma-separated: {', '.join(FORMATS)}")
     p.add_argument("-o", "--output-dir", help="write <name>.<format> files here instead of printing")

@@ -47,7 +47,9 @@ def greedy_decode(log_probs: torch.Tensor, vocabulary: Vocabulary, frame_shift: 
     def flush() -> None:
         if chars:
             confidence = float(np.exp(np.mean(scores)))
-            words.append(Word("".join(chars), round(offset + start * frame_shift, 3), round(offset + end * frame_shift, 3), round(confidence, 4)))
+            words.append(
+                Word("".join(chars), round(offset + start * frame_shift, 3), round(offset + end * frame_shift, 3), round(confidence, 4))
+            )
             chars.clear()
             scores.clear()
 

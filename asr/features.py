@@ -53,9 +53,7 @@ class LogMelExtractor:
         import librosa
 
         c = self.config
-        return librosa.filters.mel(
-            sr=c.sample_rate, n_fft=c.n_fft, n_mels=c.n_mels, fmin=c.fmin, fmax=c.fmax
-        ).astype(np.float32)
+        return librosa.filters.mel(sr=c.sample_rate, n_fft=c.n_fft, n_mels=c.n_mels, fmin=c.fmin, fmax=c.fmax).astype(np.float32)
 
     def num_frames(self, num_samples: int) -> int:
         c = self.config
@@ -69,9 +67,7 @@ class LogMelExtractor:
         if frames == 0:
             return np.zeros((0, c.n_mels), dtype=np.float32)
         used = audio[: c.n_fft + (frames - 1) * c.hop_length]
-        spectrum = librosa.stft(
-            np.ascontiguousarray(used, dtype=np.float32), n_fft=c.n_fft, hop_length=c.hop_length, center=False
-        )
+        spectrum = librosa.stft(np.ascontiguousarray(used, dtype=np.float32), n_fft=c.n_fft, hop_length=c.hop_length, center=False)
         power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
         return np.log(self._mel_basis @ power + LOG_FLOOR).T.copy()
 

@@ -62,9 +62,7 @@ class ChunkedBiRNNLayer(nn.Module):
         self.forward_rnn = rnn(input_size, hidden_size, batch_first=True)
         self.backward_rnn = rnn(input_size, hidden_size, batch_first=True)
 
-    def forward(
-        self, main: Tensor, context: Tensor, window_lengths: Tensor, chunk: int, state
-    ) -> tuple[Tensor, Tensor, object]:
+    def forward(self, main: Tensor, context: Tensor, window_lengths: Tensor, chunk: int, state) -> tuple[Tensor, Tensor, object]:
         """main (B, N*C, D), context (B, N, R, D), window_lengths (B*N,) -> outputs of width 2H.
 
         Returns main_out (B, N*C, 2H), context_out (B, N, R, 2H) and the forward state after main.
@@ -87,6 +85,7 @@ class ChunkedBiRNNLayer(nn.Module):
 
         if lookahead == 0:
             return main_out, context.new_zeros(batch, n_chunks, 0, main_out.shape[2]), state
+
         # The forward direction over the right context continues from each chunk's end state.
         def stack(states):  # per-chunk (1, B, H) -> (1, N*B, H), ordered batch-major like windows
             return torch.stack(states, dim=2).flatten(1, 2)
@@ -153,10 +152,9 @@ class CTCModel(nn.Module):
         padded = n_chunks * chunk + lookahead
         if padded > total:
             x = nn.functional.pad(x, (0, 0, 0, padded - total))
-        context_index = (
-            torch.arange(1, n_chunks + 1, device=x.device).unsqueeze(1) * chunk
-            + torch.arange(lookahead, device=x.device).unsqueeze(0)
-        )
+        context_index = torch.arange(1, n_chunks + 1, device=x.device).unsqueeze(1) * chunk + torch.arange(
+            lookahead, device=x.device
+        ).unsqueeze(0)
         chunk_starts = torch.arange(n_chunks, device=x.device) * chunk
         window_lengths = (lengths.unsqueeze(1) - chunk_starts.unsqueeze(0)).clamp(0, chunk + lookahead).flatten()
 

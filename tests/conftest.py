@@ -28,9 +28,20 @@ TINY_MODEL = ModelConfig(hidden_size=64, num_layers=2, dropout=0.0, chunk_frames
 def tiny_train_config(folder: Path, manifest: Path, **overrides):
     from training.trainer import TrainConfig
 
-    settings = dict(train_manifests=(str(manifest),), output_dir=str(folder / "run"), model=TINY_MODEL, epochs=6, batch_frames=200,
-                    learning_rate=0.01, warmup_steps=10, specaugment=False, cache_dir=str(folder / "cache"), workers=1,
-                    progress=False, checkpoint_every=10**6)
+    settings = dict(
+        train_manifests=(str(manifest),),
+        output_dir=str(folder / "run"),
+        model=TINY_MODEL,
+        epochs=6,
+        batch_frames=200,
+        learning_rate=0.01,
+        warmup_steps=10,
+        specaugment=False,
+        cache_dir=str(folder / "cache"),
+        workers=1,
+        progress=False,
+        checkpoint_every=10**6,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 

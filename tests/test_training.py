@@ -52,7 +52,15 @@ def _small():
 
 
 def test_bucketed_batches_respect_budget_and_split_across_ranks(tmp_path):
-    manifest = write_manifest(tmp_path / "m.jsonl", {**CLIPS, "LJ001-0008.opus": "has never been surpassed", "LJ002-0179.opus": "and costing eleven pounds fifteen shillings eight pence within ten days"}, repeat=5)
+    manifest = write_manifest(
+        tmp_path / "m.jsonl",
+        {
+            **CLIPS,
+            "LJ001-0008.opus": "has never been surpassed",
+            "LJ002-0179.opus": "and costing eleven pounds fifteen shillings eight pence within ten days",
+        },
+        repeat=5,
+    )
     from asr.features import FeatureConfig
     from asr.text import Vocabulary
 
@@ -88,8 +96,11 @@ def test_manifest_converters(tmp_path):
     assert rows[0].text == "has never been surpassed" and rows[0].raw_text == "Has never been surpassed!"
 
     out = tmp_path / "out" / "train.jsonl"
-    result = subprocess.run([sys.executable, "-m", "asr", "manifest", "librispeech", str(tmp_path / "LibriSpeech"), "-o", str(out)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "asr", "manifest", "librispeech", str(tmp_path / "LibriSpeech"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert [u.text for u in read_manifest(out)] == list(CLIPS.values())
     assert json.loads(out.read_text().splitlines()[0])["audio"].startswith("../")

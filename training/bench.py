@@ -15,14 +15,33 @@ from asr.model import ModelConfig
 from .trainer import TrainConfig, train
 
 
-def training_throughput(manifest: str, steps: int, batch_frames: int, hidden_size: int, num_layers: int, device: str,
-                        cache_dir: str, chunk_frames: int, lookahead_frames: int) -> dict:
+def training_throughput(
+    manifest: str,
+    steps: int,
+    batch_frames: int,
+    hidden_size: int,
+    num_layers: int,
+    device: str,
+    cache_dir: str,
+    chunk_frames: int,
+    lookahead_frames: int,
+) -> dict:
     """Run the real training loop for ``steps`` steps; report audio seconds per wall second after warm-up."""
     steps = max(steps, 20)
     model = ModelConfig(hidden_size=hidden_size, num_layers=num_layers, chunk_frames=chunk_frames, lookahead_frames=lookahead_frames)
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(train_manifests=(manifest,), output_dir=out, model=model, epochs=1000, batch_frames=batch_frames,
-                             max_steps=steps, checkpoint_every=10**9, cache_dir=cache_dir, device=device, progress=False)
+        config = TrainConfig(
+            train_manifests=(manifest,),
+            output_dir=out,
+            model=model,
+            epochs=1000,
+            batch_frames=batch_frames,
+            max_steps=steps,
+            checkpoint_every=10**9,
+            cache_dir=cache_dir,
+            device=device,
+            progress=False,
+        )
         train(config, log=lambda _msg: None)
         with (Path(out) / "metrics.csv").open() as handle:
             rows = [r for r in csv.DictReader(handle) if r["split"] == "train"]
@@ -33,6 +52,8 @@ def training_throughput(manifest: str, steps: int, batch_frames: int, hidden_siz
         "steps": steps,
         "batch_frames": batch_frames,
         "model": model.to_dict(),
-        "device": torch.cuda.get_device_name() if resolved.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})",
+        "device": torch.cuda.get_device_name()
+        if resolved.startswith("cuda")
+        else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})",
         "date": time.strftime("%Y-%m-%d"),
     }

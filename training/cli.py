@@ -11,8 +11,11 @@ from asr.model import ModelConfig
 
 
 def add_train_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a BiLSTM-CTC model on JSONL manifests",
-                              description="Train a stacked (latency-controlled) BiLSTM-CTC model. Run under torchrun for several GPUs/processes.")
+    p = subparsers.add_parser(
+        "train",
+        help="train a BiLSTM-CTC model on JSONL manifests",
+        description="Train a stacked (latency-controlled) BiLSTM-CTC model. Run under torchrun for several GPUs/processes.",
+    )
     p.add_argument("--train", nargs="+", required=True, metavar="MANIFEST", help="training manifests (JSONL)")
     p.add_argument("--dev", nargs="*", default=[], metavar="MANIFEST", help="validation manifests, scored each epoch")
     p.add_argument("-o", "--output-dir", required=True, help="folder for checkpoints, metrics.csv, curves and model.pt; rerun to resume")
@@ -21,7 +24,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--num-layers", type=int, default=d.num_layers)
     p.add_argument("--cell", choices=("lstm", "gru"), default=d.cell)
     p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help="30 ms frames per chunk for the backward direction (0 = full utterance)")
+    p.add_argument(
+        "--chunk-frames", type=int, default=d.chunk_frames, help="30 ms frames per chunk for the backward direction (0 = full utterance)"
+    )
     p.add_argument("--lookahead-frames", type=int, default=d.lookahead_frames, help="30 ms frames of right context")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-frames", type=int, default=40_000, help="padded 10 ms frames per batch and process")
@@ -50,15 +55,35 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = ModelConfig(hidden_size=args.hidden_size, num_layers=args.num_layers, cell=args.cell, dropout=args.dropout,
-                        chunk_frames=args.chunk_frames, lookahead_frames=args.lookahead_frames)
+    model = ModelConfig(
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        cell=args.cell,
+        dropout=args.dropout,
+        chunk_frames=args.chunk_frames,
+        lookahead_frames=args.lookahead_frames,
+    )
     config = TrainConfig(
-        train_manifests=tuple(args.train), dev_manifests=tuple(args.dev), output_dir=args.output_dir, model=model,
-        epochs=args.epochs, batch_frames=args.batch_frames, max_utterance_seconds=args.max_utterance_seconds,
-        learning_rate=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        clip_grad_norm=args.clip_grad_norm, specaugment=not args.no_specaugment, amp=not args.no_amp, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, cache_dir=args.cache_dir, workers=args.workers, device=args.device,
-        max_steps=args.max_steps, progress=not args.no_progress,
+        train_manifests=tuple(args.train),
+        dev_manifests=tuple(args.dev),
+        output_dir=args.output_dir,
+        model=model,
+        epochs=args.epochs,
+        batch_frames=args.batch_frames,
+        max_utterance_seconds=args.max_utterance_seconds,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        clip_grad_norm=args.clip_grad_norm,
+        specaugment=not args.no_specaugment,
+        amp=not args.no_amp,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        cache_dir=args.cache_dir,
+        workers=args.workers,
+        device=args.device,
+        max_steps=args.max_steps,
+        progress=not args.no_progress,
     )
     train(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     return 0
@@ -89,7 +114,8 @@ def run_eval(args: argparse.Namespace) -> int:
             failed += 1
     print(f"{'manifest':45s} {'utts':>5s} {'hours':>6s} {'WER %':>7s} {'CER %':>7s} {'RTF':>7s}")
     for r in results:
-        print(f"{r['manifest']:45s} {r['utterances']:5d} {r['audio_seconds'] / 3600:6.2f} {100 * r['wer']:7.2f} {100 * r['cer']:7.2f} {r['rtf']:7.4f}")
+        hours = r["audio_seconds"] / 3600
+        print(f"{r['manifest']:45s} {r['utterances']:5d} {hours:6.2f} {100 * r['wer']:7.2f} {100 * r['cer']:7.2f} {r['rtf']:7.4f}")
     print(f"torch threads: {torch.get_num_threads()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -139,8 +165,22 @@ def add_manifest_parser(subparsers) -> None:
 def run_bench_train(args: argparse.Namespace) -> int:
     from .bench import training_throughput
 
-    print(json.dumps(training_throughput(args.manifest, args.steps, args.batch_frames, args.hidden_size, args.num_layers,
-                                         args.device, args.cache_dir, args.chunk_frames, args.lookahead_frames), indent=2))
+    print(
+        json.dumps(
+            training_throughput(
+                args.manifest,
+                args.steps,
+                args.batch_frames,
+                args.hidden_size,
+                args.num_layers,
+                args.device,
+                args.cache_dir,
+                args.chunk_frames,
+                args.lookahead_frames,
+            ),
+            indent=2,
+        )
+    )
     return 0
 
 

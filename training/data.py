@@ -63,9 +63,7 @@ def _cache_key(manifest: Path, config: FeatureConfig) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def load_features(
-    manifest: str | os.PathLike, config: FeatureConfig, cache_dir: str | os.PathLike, workers: int = 1
-) -> FeatureSet:
+def load_features(manifest: str | os.PathLike, config: FeatureConfig, cache_dir: str | os.PathLike, workers: int = 1) -> FeatureSet:
     """Features of every utterance in a manifest, computed once and cached under ``cache_dir``.
 
     Unreadable audio files are reported in the error, never silently dropped.

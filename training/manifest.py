@@ -122,5 +122,7 @@ def from_table(path: str | os.PathLike, audio_column: str = "path", text_column:
             if not audio.is_file():
                 raise ManifestError(f"{path}: audio file not found: {audio}")
             raw = row[text_column]
-            utterances.append(Utterance(audio.resolve(), _duration(audio), normalize_text(raw), row.get("client_id", row.get("speaker", "")) or "", raw))
+            utterances.append(
+                Utterance(audio.resolve(), _duration(audio), normalize_text(raw), row.get("client_id", row.get("speaker", "")) or "", raw)
+            )
     return utterances

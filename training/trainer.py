@@ -191,6 +191,16 @@ def _set_name(manifest: str) -> str:
     return f"{path.parent.name}/{path.stem}"
 
 
+def _check_replicas_in_sync(model: torch.nn.Module, world_size: int) -> None:
+    """Raise if DistributedDataParallel replicas ended with different weights."""
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()]).double().cpu()
+    summary = torch.stack([flat.sum(), flat.square().sum()])
+    gathered = [torch.zeros_like(summary) for _ in range(world_size)]
+    dist.all_gather(gathered, summary)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"model replicas diverged across processes: {[g.tolist() for g in gathered]}")
+
+
 def train(config: TrainConfig, log=print) -> Path:
     """Train (or resume) a model; returns the path of the final model file."""
     rank, local_rank, world_size = _distributed()
@@ -294,7 +304,9 @@ def train(config: TrainConfig, log=print) -> Path:
         if main_process and config.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True)
+            progress = tqdm(
+                total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True
+            )
         ddp_model.train()
         window_audio, window_time = 0.0, time.time()
         for batch_index in range(step_in_epoch, len(batches)):
@@ -306,7 +318,9 @@ def train(config: TrainConfig, log=print) -> Path:
                 feats = augment(normalised) * model.feature_std + model.feature_mean
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 log_probs, out_lengths, _ = ddp_model(feats, lengths)
-            loss_sum = ctc_loss(log_probs.float().transpose(0, 1), batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device))
+            loss_sum = ctc_loss(
+                log_probs.float().transpose(0, 1), batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device)
+            )
             loss = loss_sum / feats.shape[0]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -323,8 +337,16 @@ def train(config: TrainConfig, log=print) -> Path:
                 throughput = window_audio / max(1e-6, time.time() - window_time)
                 window_audio, window_time = 0.0, time.time()
                 if metrics is not None:
-                    metrics.write(time=round(time.time() - started, 1), epoch=epoch + 1, step=global_step, split="train", loss=round(loss.item(), 4),
-                                  grad_norm=round(grad_norm, 4), lr=f"{scheduler.get_last_lr()[0]:.3g}", audio_sec_per_sec=round(throughput, 1))
+                    metrics.write(
+                        time=round(time.time() - started, 1),
+                        epoch=epoch + 1,
+                        step=global_step,
+                        split="train",
+                        loss=round(loss.item(), 4),
+                        grad_norm=round(grad_norm, 4),
+                        lr=f"{scheduler.get_last_lr()[0]:.3g}",
+                        audio_sec_per_sec=round(throughput, 1),
+                    )
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss.item():.3f}", gnorm=f"{grad_norm:.2f}", audio_s_per_s=f"{throughput:.0f}")
             if progress is not None:
@@ -346,7 +368,14 @@ def train(config: TrainConfig, log=print) -> Path:
             for manifest, dev in zip(config.dev_manifests, dev_sets):
                 result = validate(model, dev, vocabulary, device, config.batch_frames)
                 wers.append(result["wer"])
-                metrics.write(time=round(time.time() - started, 1), epoch=epoch, step=global_step, split=_set_name(manifest), wer=round(result["wer"], 4), cer=round(result["cer"], 4))
+                metrics.write(
+                    time=round(time.time() - started, 1),
+                    epoch=epoch,
+                    step=global_step,
+                    split=_set_name(manifest),
+                    wer=round(result["wer"], 4),
+                    cer=round(result["cer"], 4),
+                )
                 summary.append(f"{_set_name(manifest)} WER {100 * result['wer']:.1f}% CER {100 * result['cer']:.1f}%")
             metrics.plot()
             log(f"epoch {epoch}: " + ("; ".join(summary) if summary else "no dev set"))
@@ -355,11 +384,15 @@ def train(config: TrainConfig, log=print) -> Path:
                 save_model(bundle({"epochs_completed": epoch, "steps": global_step, "dev_wer": round(best_wer, 4)}), out / "best.pt")
         save_state()
 
+    if world_size > 1:
+        _check_replicas_in_sync(model, world_size)
     final = out / "last.pt"
     if main_process:
         final_model = out / "model.pt"
         source = out / "best.pt" if (out / "best.pt").is_file() else final
-        os.replace(source, final_model) if source != final else save_model(bundle({"epochs_completed": epoch, "steps": global_step}), final_model)
+        os.replace(source, final_model) if source != final else save_model(
+            bundle({"epochs_completed": epoch, "steps": global_step}), final_model
+        )
         log(f"model written to {final_model} ({time.time() - started:.0f} s)")
         final = final_model
     if world_size > 1:

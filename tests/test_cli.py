@@ -1,0 +1,95 @@
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CLIPS, DATA
+
+
+def asr(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asr", *args], input=stdin, capture_output=True, timeout=300)
+
+
+def times(text: str) -> list[float]:
+    out = []
+    for h, m, s, ms in re.findall(r"(\d\d):(\d\d):(\d\d)[,.](\d\d\d)", text):
+        out.append(int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000)
+    return out
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_model):
+    out = tmp_path_factory.mktemp("out")
+    result = asr("transcribe", *(str(DATA / n) for n in CLIPS), "--model", str(tiny_model), "-f", "txt,json,srt,vtt,tsv", "-o", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    return out
+
+
+def test_every_output_format_parses(outputs):
+    for name, text in CLIPS.items():
+        stem = name.removesuffix(".opus")
+        assert (outputs / f"{stem}.txt").read_text() == text + "\n"
+        data = json.loads((outputs / f"{stem}.json").read_text())
+        assert data["text"] == text and [w["text"] for w in data["words"]] == text.split()
+        assert all(set(w) == {"text", "start", "end", "confidence"} for w in data["words"])
+        for fmt in ("srt", "vtt"):
+            content = (outputs / f"{stem}.{fmt}").read_text()
+            stamps = times(content)
+            assert stamps and stamps == sorted(stamps) and len(stamps) % 2 == 0
+            assert all(a < b for a, b in zip(stamps[::2], stamps[1::2]))
+            assert text in content.replace("\n", " ")
+        assert (outputs / f"{stem}.vtt").read_text().startswith("WEBVTT\n\n")
+        assert re.search(r"^1\n00:00:00,\d{3} --> 00:00:0\d,\d{3}\n", (outputs / f"{stem}.srt").read_text(), re.M)
+        rows = (outputs / f"{stem}.tsv").read_text().splitlines()
+        assert rows[0] == "start\tend\tconfidence\tword"
+        starts = [float(r.split("\t")[0]) for r in rows[1:]]
+        assert starts == sorted(starts) and [r.split("\t")[3] for r in rows[1:]] == text.split()
+
+
+def test_folder_recursion_and_stdin(tmp_path, tiny_model):
+    nested = tmp_path / "in" / "deeper"
+    nested.mkdir(parents=True)
+    for name in CLIPS:
+        (nested / name).write_bytes((DATA / name).read_bytes())
+    (tmp_path / "in" / "notes.txt").write_text("not audio")
+    result = asr("transcribe", str(tmp_path / "in"), "--model", str(tiny_model), "-o", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr.decode()
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.txt")) == sorted(n.replace(".opus", ".txt") for n in CLIPS)
+    assert (tmp_path / "out" / "deeper" / "how_much_was_it.txt").is_file()
+
+    piped = asr("transcribe", "-", "--model", str(tiny_model), "-f", "json", stdin=(DATA / "how_much_was_it.opus").read_bytes())
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert json.loads(piped.stdout)["text"] == "how much was it"
+
+
+def test_a_corrupt_file_is_reported_and_the_others_finish(tmp_path, tiny_model):
+    bad = tmp_path / "corrupt.wav"
+    bad.write_bytes(b"RIFF" + b"\x00" * 200)
+    good = [str(DATA / n) for n in CLIPS]
+    result = asr("transcribe", good[0], str(bad), good[1], "/no/such.wav", "--model", str(tiny_model), "--jobs", "2", "--no-progress")
+    assert result.returncode == 1
+    stderr = result.stderr.decode()
+    assert "corrupt.wav" in stderr and "/no/such.wav" in stderr and "2 of 4 input(s) failed" in stderr
+    stdout = result.stdout.decode()
+    assert "how much was it" in stdout and "does that look good" in stdout
+
+
+def test_missing_model_file_gives_a_clear_error(tmp_path):
+    result = asr("transcribe", str(DATA / "how_much_was_it.opus"), "--model", str(tmp_path / "nope.pt"))
+    assert result.returncode == 2
+    assert b"model file not found" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_eval_reports_wer_cer_and_rtf(tmp_path, tiny_model, overfit_manifest):
+    result = asr("eval", str(overfit_manifest), "--model", str(tiny_model), "--limit", "4", "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads((tmp_path / "r.json").read_text())[0]
+    assert report["utterances"] == 4 and report["wer"] == 0.0 and report["cer"] == 0.0 and 0 < report["rtf"] < 5
+    assert "WER %" in result.stdout.decode()
+
+
+def test_unknown_format_is_a_usage_error():
+    result = asr("transcribe", str(DATA / "how_much_was_it.opus"), "-f", "docx")
+    assert result.returncode == 2 and b"unknown format" in result.stderr
