@@ -13,6 +13,8 @@ from pathlib import Path
 from .audio import AudioError
 from .checkpoint import CheckpointError
 from .formats import FORMATS, format_transcript
+from .lm import LanguageModelError
+from .recognizer import DECODERS
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".au", ".webm"}
 EXIT_SOME_FAILED = 1
@@ -25,16 +27,45 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0 = torch's default)")
     p.add_argument("--chunk-frames", type=int, default=None, help="override the model's chunk size (30 ms frames)")
     p.add_argument("--lookahead-frames", type=int, default=None, help="override the model's lookahead (30 ms frames)")
+    d = p.add_argument_group("decoding")
+    d.add_argument("--decoder", choices=DECODERS, default="auto", help="auto: beam search with the LM when there is one, else greedy")
+    d.add_argument("--lm", help="language-model folder from `asr lm build` (default: the bundled LM with the bundled model)")
+    d.add_argument("--beam-size", type=int, help="hypotheses kept per frame")
+    d.add_argument("--lm-weight", type=float, help="language-model weight")
+    d.add_argument("--word-score", type=float, help="score added per word (insertion bonus)")
+    d.add_argument("--unk-score", type=float, help="allow words outside the lexicon, spelled letter by letter, at this score")
+    d.add_argument("--hotwords", default="", help="comma-separated words or phrases to favour (names, domain terms)")
+    d.add_argument("--hotwords-file", help="file with one word or phrase per line to favour")
+
+
+def decode_options(args: argparse.Namespace):
+    """DecodeOptions from the parsed model/decoding arguments."""
+    from .recognizer import DecodeOptions
+
+    hotwords = [h.strip() for h in args.hotwords.split(",") if h.strip()]
+    if args.hotwords_file:
+        hotwords += [line.strip() for line in Path(args.hotwords_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    settings = {
+        k: v
+        for k, v in (
+            ("beam_size", args.beam_size),
+            ("lm_weight", args.lm_weight),
+            ("word_score", args.word_score),
+            ("unk_score", args.unk_score),
+        )
+        if v is not None
+    }
+    return DecodeOptions(args.chunk_frames, args.lookahead_frames, args.decoder, args.lm, settings, tuple(hotwords))
 
 
 def _load(args: argparse.Namespace):
     import torch
 
-    from .recognizer import DecodeOptions, load_model
+    from .recognizer import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args.model, args.device, DecodeOptions(args.chunk_frames, args.lookahead_frames))
+    return load_model(args.model, args.device, decode_options(args))
 
 
 def expand_inputs(paths: list[str]) -> tuple[list[tuple[str, Path | None]], list[str]]:
@@ -80,7 +111,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     try:
         recognizer = _load(args)
-    except (CheckpointError, ValueError) as error:
+    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     stdin_bytes = sys.stdin.buffer.read() if any(src == "-" for src, _ in inputs) else None
@@ -152,7 +183,7 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     try:
         recognizer = _load(args)
         result = offline_benchmark(recognizer, args.paths, long_minutes=args.long_minutes)
-    except (CheckpointError, AudioError, ValueError) as error:
+    except (CheckpointError, LanguageModelError, AudioError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     import json

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,11 @@ from .audio import SAMPLE_RATE, AudioSource, iter_audio, prepare_array
 from .checkpoint import ModelBundle, load_model_file
 from .decoding import Transcript, greedy_decode
 from .features import LogMelExtractor, StreamingFeatures
+from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
+BUNDLED_LM = Path(__file__).parent / "models" / "en-lm"
+DECODERS = ("auto", "beam", "greedy")
 SEGMENT_CHUNKS = 200  # chunks encoded per model call on long audio (bounds memory, keeps batches large)
 
 
@@ -22,12 +26,18 @@ SEGMENT_CHUNKS = 200  # chunks encoded per model call on long audio (bounds memo
 class DecodeOptions:
     chunk_frames: int | None = None  # model frames per chunk; None = the model's own setting
     lookahead_frames: int | None = None
+    decoder: str = "auto"  # auto: beam search when a language model is available, else greedy
+    lm: str | None = None  # language-model folder; None = the bundled LM for the bundled model
+    settings: dict = field(default_factory=dict)  # overrides of the LM folder's DecoderSettings
+    hotwords: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("chunk_frames", "lookahead_frames"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
 
 
 class Recognizer:
@@ -48,6 +58,35 @@ class Recognizer:
             )
             self.model.config = config
         self.frame_shift = bundle.feature_config.frame_shift * config.stack_frames
+        self.language_model = self._language_model(options)
+        self.decoder_name = options.decoder
+        if options.decoder == "auto":
+            self.decoder_name = "beam" if self.language_model is not None else "greedy"
+        self.decoder_settings = None
+        if self.decoder_name == "beam":
+            base = self.language_model.settings if self.language_model else DecoderSettings()
+            self.decoder_settings = DecoderSettings.from_dict({**base.to_dict(), **options.settings})
+            self.beam_decoder(options.hotwords)  # load now so that a bad LM fails here, not mid-batch
+        self._local = threading.local()
+
+    def _language_model(self, options: DecodeOptions) -> LanguageModel | None:
+        if options.lm:
+            return LanguageModel.load(options.lm)
+        bundled = Path(self.bundle.metadata.get("source_path", "")) == BUNDLED_MODEL.resolve()
+        if options.decoder != "greedy" and bundled and (BUNDLED_LM / "decoder.json").is_file():
+            return LanguageModel.load(BUNDLED_LM)
+        return None
+
+    def beam_decoder(self, hotwords: tuple[str, ...] | list[str] = ()) -> BeamSearchDecoder:
+        """A decoder for the calling thread (flashlight decoders keep per-utterance state)."""
+        key = tuple(hotwords)
+        cache = getattr(self, "_local", None)
+        if cache is None:
+            return BeamSearchDecoder(self.vocabulary, self.language_model, self.decoder_settings, key)
+        decoders = cache.__dict__.setdefault("decoders", {})
+        if key not in decoders:
+            decoders[key] = BeamSearchDecoder(self.vocabulary, self.language_model, self.decoder_settings, key)
+        return decoders[key]
 
     @property
     def sample_rate(self) -> int:
@@ -85,15 +124,24 @@ class Recognizer:
             encode(pending, None)
         return torch.cat(outputs) if outputs else torch.zeros(0, len(self.vocabulary))
 
-    def transcribe(self, audio: AudioSource | np.ndarray, sample_rate: int | None = None) -> Transcript:
-        """Transcribe a path, encoded bytes, or an array (samples,)/(samples, channels) at ``sample_rate``."""
+    def decode(self, log_probs: torch.Tensor, hotwords: tuple[str, ...] | list[str] | None = None) -> Transcript:
+        """log_probs (frames, vocab) -> Transcript with the configured decoder."""
+        if self.decoder_name == "greedy":
+            return greedy_decode(log_probs, self.vocabulary, self.frame_shift)
+        return self.beam_decoder(self.options.hotwords if hotwords is None else hotwords).decode(log_probs, self.frame_shift)
+
+    def transcribe(self, audio: AudioSource | np.ndarray, sample_rate: int | None = None, hotwords: list[str] | None = None) -> Transcript:
+        """Transcribe a path, encoded bytes, or an array (samples,)/(samples, channels) at ``sample_rate``.
+
+        ``hotwords``: words or phrases to favour in beam search (default: the recogniser's own).
+        """
         if isinstance(audio, np.ndarray | torch.Tensor):
             signal = prepare_array(np.asarray(audio), sample_rate)
             blocks, duration = [signal], len(signal) / SAMPLE_RATE
         else:
             blocks, duration = _counting(iter_audio(audio))
         log_probs = self.log_probs(blocks)
-        transcript = greedy_decode(log_probs, self.vocabulary, self.frame_shift)
+        transcript = self.decode(log_probs, hotwords)
         transcript.duration = round(float(duration() if callable(duration) else duration), 3)
         return transcript
 
@@ -114,4 +162,7 @@ def _counting(blocks):
 def load_model(path: str | os.PathLike | None = None, device: str | None = None, options: DecodeOptions = DecodeOptions()) -> Recognizer:
     """Load a model file (default: the bundled English model) as a ``Recognizer``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Recognizer(load_model_file(path or BUNDLED_MODEL, device), options)
+    path = Path(path or BUNDLED_MODEL)
+    bundle = load_model_file(path, device)
+    bundle.metadata["source_path"] = str(path.resolve())
+    return Recognizer(bundle, options)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from asr.cli import _add_model_options
 from asr.model import ModelConfig
 
 
@@ -93,16 +94,15 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from asr.checkpoint import CheckpointError
-    from asr.recognizer import DecodeOptions, load_model
+    from asr.cli import _load
+    from asr.lm import LanguageModelError
 
     from .evaluate import evaluate_manifest
     from .manifest import ManifestError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        recognizer = load_model(args.model, args.device, DecodeOptions(args.chunk_frames, args.lookahead_frames))
-    except (CheckpointError, ValueError) as error:
+        recognizer = _load(args)
+    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results, failed = [], 0
@@ -116,7 +116,7 @@ def run_eval(args: argparse.Namespace) -> int:
     for r in results:
         hours = r["audio_seconds"] / 3600
         print(f"{r['manifest']:45s} {r['utterances']:5d} {hours:6.2f} {100 * r['wer']:7.2f} {100 * r['cer']:7.2f} {r['rtf']:7.4f}")
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"decoder: {recognizer.decoder_name}; torch threads: {torch.get_num_threads()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 1 if failed else 0
@@ -125,11 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="WER, CER and real-time factor on manifests")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
-    p.add_argument("-m", "--model", help="model file (default: the bundled model)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
-    p.add_argument("--chunk-frames", type=int, default=None)
-    p.add_argument("--lookahead-frames", type=int, default=None)
+    _add_model_options(p)
     p.add_argument("--limit", type=int, default=0, help="score only the first N utterances of each manifest")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(handler=run_eval)
@@ -199,8 +195,101 @@ def add_bench_train_parser(bench_commands) -> None:
     p.set_defaults(handler=run_bench_train)
 
 
+def run_lm_build(args: argparse.Namespace) -> int:
+    from .lm import LanguageModelBuildError, build_language_model
+
+    try:
+        folder = build_language_model(
+            args.texts, args.output_dir, order=args.order, max_words=args.max_words, min_count=args.min_count, prune=tuple(args.prune)
+        )
+    except LanguageModelBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    config = json.loads((folder / "decoder.json").read_text())
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+    print(f"language model in {folder}: {config['words']} words, {config['sentences']} sentences, {size:.1f} MB", file=sys.stderr)
+    return 0
+
+
+def run_lm_install(args: argparse.Namespace) -> int:
+    from .lm import LanguageModelBuildError, install_kenlm
+
+    try:
+        for path in install_kenlm(args.prefix, args.jobs):
+            print(f"installed {path}", file=sys.stderr)
+    except LanguageModelBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_lm_parser(subparsers) -> None:
+    lm = subparsers.add_parser("lm", help="build word n-gram language models for beam search")
+    commands = lm.add_subparsers(dest="lm_command", required=True)
+    p = commands.add_parser("build", help="normalise text and build a KenLM model plus lexicon")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="text files (.txt or .gz, one sentence or paragraph a line) or JSONL manifests")
+    p.add_argument("-o", "--output-dir", required=True)
+    p.add_argument("--order", type=int, default=3)
+    p.add_argument("--max-words", type=int, default=60_000, help="vocabulary size (most frequent words)")
+    p.add_argument("--min-count", type=int, default=2, help="drop words seen fewer times")
+    p.add_argument("--prune", type=int, nargs="+", default=[0, 0, 1], help="lmplz --prune thresholds per order")
+    p.set_defaults(handler=run_lm_build)
+    p = commands.add_parser("install-kenlm", help="build KenLM's lmplz and build_binary from its PyPI source package")
+    p.add_argument("--prefix", default=str(Path.home() / ".local"), help="installs into PREFIX/bin")
+    p.add_argument("--jobs", type=int, default=2)
+    p.set_defaults(handler=run_lm_install)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from asr.checkpoint import CheckpointError
+    from asr.cli import _load
+    from asr.lm import LanguageModel, LanguageModelError
+
+    from .tune import tune_decoder
+
+    args.decoder, args.hotwords, args.hotwords_file = "greedy", "", None  # emissions only; the tuner builds decoders
+    try:
+        lm = LanguageModel.load(args.lm) if args.lm else None
+        recognizer = _load(args)
+        if lm is None:
+            from asr.recognizer import BUNDLED_LM
+
+            lm = LanguageModel.load(BUNDLED_LM)
+    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    best, results = tune_decoder(
+        recognizer,
+        lm,
+        args.manifests,
+        args.lm_weights,
+        args.word_scores,
+        args.beam_size,
+        args.limit,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(json.dumps({"best": best.to_dict(), "results": results}, indent=2))
+    if not args.dry_run:
+        lm.save_settings(best)
+        print(f"saved lm_weight={best.lm_weight} word_score={best.word_score} in {lm.folder / 'decoder.json'}", file=sys.stderr)
+    return 0
+
+
+def add_tune_parser(subparsers) -> None:
+    p = subparsers.add_parser("tune-decoder", help="grid-search LM weight and word score on dev manifests; store the best with the LM")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    _add_model_options(p)
+    p.add_argument("--lm-weights", type=float, nargs="+", default=[0.3, 0.5, 0.8, 1.1, 1.5])
+    p.add_argument("--word-scores", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0])
+    p.add_argument("--limit", type=int, default=0, help="use the first N utterances of each manifest")
+    p.add_argument("--dry-run", action="store_true", help="report without saving")
+    p.set_defaults(handler=run_tune)
+
+
 def register(subparsers, bench_commands) -> None:
     add_train_parser(subparsers)
+    add_lm_parser(subparsers)
+    add_tune_parser(subparsers)
     add_eval_parser(subparsers)
     add_manifest_parser(subparsers)
     add_bench_train_parser(bench_commands)

@@ -308,7 +308,7 @@ def train(config: TrainConfig, log=print) -> Path:
                 total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True
             )
         ddp_model.train()
-        window_audio, window_time = 0.0, time.time()
+        window_audio, window_time, window_loss, window_utts = 0.0, time.time(), 0.0, 0
         for batch_index in range(step_in_epoch, len(batches)):
             batch = collate(train_sets, examples, batches[batch_index])
             feats = batch["features"].to(device, non_blocking=True)
@@ -332,23 +332,26 @@ def train(config: TrainConfig, log=print) -> Path:
             global_step += 1
             step_in_epoch = batch_index + 1
             window_audio += float(batch["duration"]) * world_size
+            window_loss += loss_sum.item()
+            window_utts += feats.shape[0]
 
             if global_step % 10 == 0 or step_in_epoch == len(batches):
                 throughput = window_audio / max(1e-6, time.time() - window_time)
-                window_audio, window_time = 0.0, time.time()
+                mean_loss = window_loss / max(1, window_utts)  # per utterance, over the last steps
+                window_audio, window_time, window_loss, window_utts = 0.0, time.time(), 0.0, 0
                 if metrics is not None:
                     metrics.write(
                         time=round(time.time() - started, 1),
                         epoch=epoch + 1,
                         step=global_step,
                         split="train",
-                        loss=round(loss.item(), 4),
+                        loss=round(mean_loss, 4),
                         grad_norm=round(grad_norm, 4),
                         lr=f"{scheduler.get_last_lr()[0]:.3g}",
                         audio_sec_per_sec=round(throughput, 1),
                     )
                 if progress is not None:
-                    progress.set_postfix(loss=f"{loss.item():.3f}", gnorm=f"{grad_norm:.2f}", audio_s_per_s=f"{throughput:.0f}")
+                    progress.set_postfix(loss=f"{mean_loss:.3f}", gnorm=f"{grad_norm:.2f}", audio_s_per_s=f"{throughput:.0f}")
             if progress is not None:
                 progress.update(1)
             if global_step % config.checkpoint_every == 0:

@@ -1,0 +1,234 @@
+"""Beam-search CTC decoding with a lexicon and a word n-gram language model (torchaudio's ctc_decoder).
+
+A language-model folder holds ``decoder.json`` (file names and tuned decoder settings), ``lexicon.txt``
+(word -> characters) and a KenLM model (``lm.bin`` or ``lm.arpa``). torchaudio is imported lazily: it
+needs a torch build it matches, and the greedy decoder works without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .decoding import Transcript, Word
+from .text import Vocabulary, normalize_text
+
+CONFIG_FILE = "decoder.json"
+LEXICON_FILE = "lexicon.txt"
+BLANK_SYMBOL, WORD_BOUNDARY = "-", "|"  # how torchaudio's decoder names our blank and space tokens
+KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"
+HOTWORD_BONUS = 8.0  # added to the LM score of each hotword, in natural-log units before lm_weight
+
+
+class LanguageModelError(ValueError):
+    """Raised for a missing or unusable language-model folder, or when the decoder cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class DecoderSettings:
+    beam_size: int = 32
+    beam_size_token: int = 12  # tokens considered per frame
+    beam_threshold: float = 20.0
+    lm_weight: float = 0.8
+    word_score: float = 0.0
+    unk_score: float = -math.inf  # -inf: only lexicon words; finite: out-of-vocabulary spellings allowed at this score
+    hotword_bonus: float = HOTWORD_BONUS
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1 or self.beam_size_token < 1:
+            raise ValueError("beam sizes must be at least 1")
+        if self.beam_threshold <= 0:
+            raise ValueError("beam_threshold must be positive")
+        if not math.isfinite(self.lm_weight) or not math.isfinite(self.word_score):
+            raise ValueError("lm_weight and word_score must be finite")
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DecoderSettings:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("unk_score", 0) is None:
+            values["unk_score"] = -math.inf
+        return cls(**values)
+
+
+def spell(word: str) -> str:
+    """Lexicon spelling of a word: 'it's' -> "i t ' s |"."""
+    return " ".join(word) + f" {WORD_BOUNDARY}"
+
+
+@dataclass(frozen=True)
+class LanguageModel:
+    folder: Path
+    model_file: Path
+    lexicon_file: Path
+    settings: DecoderSettings
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> LanguageModel:
+        folder = Path(folder)
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            raise LanguageModelError(f"language model folder {folder} has no {CONFIG_FILE} (build one with `asr lm build`)")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            model_file, lexicon_file = folder / config["lm"], folder / config["lexicon"]
+            settings = DecoderSettings.from_dict(config)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise LanguageModelError(f"{config_path} is damaged: {error}") from error
+        for path in (model_file, lexicon_file):
+            if not path.is_file():
+                raise LanguageModelError(f"language model file missing: {path}")
+        with model_file.open("rb") as handle:
+            head = handle.read(64)
+        if not (head.startswith(KENLM_BINARY_MAGIC) or head.lstrip().startswith(b"\\data\\")):
+            raise LanguageModelError(f"{model_file} is neither a KenLM binary nor an ARPA file")
+        return cls(folder, model_file, lexicon_file, settings)
+
+    def save_settings(self, settings: DecoderSettings) -> None:
+        """Store tuned decoder settings in decoder.json."""
+        path = self.folder / CONFIG_FILE
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config.update(settings.to_dict())
+        path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _torchaudio_decoder():
+    try:
+        from torchaudio.models.decoder import CTCDecoderLM, ctc_decoder
+    except (ImportError, OSError, RuntimeError) as error:
+        raise LanguageModelError(
+            f"beam-search decoding needs torchaudio with flashlight-text ({error}); "
+            "install a torchaudio that matches your torch and `pip install flashlight-text`, or use --decoder greedy"
+        ) from error
+    return ctc_decoder, CTCDecoderLM
+
+
+def _hotword_lm(base_lm, word_ids: set[int], bonus: float):
+    """Wrap a KenLM so that completing a hotword adds ``bonus`` to its score."""
+    _, CTCDecoderLM = _torchaudio_decoder()
+
+    class HotwordLM(CTCDecoderLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = base_lm
+
+        def start(self, start_with_nothing: bool):
+            return self.base.start(start_with_nothing)
+
+        def score(self, state, usr_token_idx: int):
+            next_state, score = self.base.score(state, usr_token_idx)
+            return next_state, score + (bonus if usr_token_idx in word_ids else 0.0)
+
+        def finish(self, state):
+            return self.base.finish(state)
+
+    return HotwordLM()
+
+
+class BeamSearchDecoder:
+    """log_probs (frames, vocab) -> Transcript, with lexicon + LM, or lexicon-free without one.
+
+    ``hotwords`` are words or phrases to favour: their words join the lexicon if missing, and each
+    gets ``settings.hotword_bonus`` when the decoder completes it.
+    """
+
+    def __init__(
+        self,
+        vocabulary: Vocabulary,
+        lm: LanguageModel | None = None,
+        settings: DecoderSettings | None = None,
+        hotwords: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        ctc_decoder, _ = _torchaudio_decoder()
+        self.vocabulary = vocabulary
+        self.settings = settings or (lm.settings if lm else DecoderSettings())
+        tokens = [BLANK_SYMBOL if t == vocabulary.tokens[0] else WORD_BOUNDARY if t == " " else t for t in vocabulary.tokens]
+        self.hotwords = sorted({w for phrase in hotwords for w in normalize_text(phrase).split()})
+        s = self.settings
+        common = dict(
+            tokens=tokens,
+            nbest=1,
+            beam_size=s.beam_size,
+            beam_size_token=min(s.beam_size_token, len(tokens)),
+            beam_threshold=s.beam_threshold,
+            blank_token=BLANK_SYMBOL,
+            sil_token=WORD_BOUNDARY,
+        )
+        self._tmp = None
+        try:
+            if lm is None:
+                self._decoder = ctc_decoder(lexicon=None, lm=None, **common)
+                return
+            lexicon = str(lm.lexicon_file)
+            if self.hotwords:
+                known = {line.split("\t", 1)[0] for line in lm.lexicon_file.read_text(encoding="utf-8").splitlines()}
+                extra = [w for w in self.hotwords if w not in known]
+                if extra:
+                    self._tmp = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8")
+                    self._tmp.write(lm.lexicon_file.read_text(encoding="utf-8") + "".join(f"{w}\t{spell(w)}\n" for w in extra))
+                    self._tmp.close()
+                    lexicon = self._tmp.name
+            options = dict(lexicon=lexicon, lm_weight=s.lm_weight, word_score=s.word_score, unk_score=s.unk_score, **common)
+            self._decoder = ctc_decoder(lm=str(lm.model_file), **options)
+            if self.hotwords:
+                from torchaudio.models.decoder import _ctc_decoder
+
+                word_dict = self._decoder.word_dict
+                ids = {word_dict.get_index(w) for w in self.hotwords}
+                base = _ctc_decoder._KenLM(str(lm.model_file), word_dict)
+                self._decoder = ctc_decoder(lm=_hotword_lm(base, ids, s.hotword_bonus), **options)
+        except (RuntimeError, ValueError) as error:  # flashlight raises RuntimeError for unreadable files
+            raise LanguageModelError(f"cannot load language model {lm.folder if lm else ''}: {error}") from error
+        finally:
+            if self._tmp is not None:
+                os.unlink(self._tmp.name)
+
+    def decode(self, log_probs: torch.Tensor, frame_shift: float, offset: float = 0.0) -> Transcript:
+        """Best hypothesis for one utterance; word times come from the decoder's token timesteps."""
+        emissions = log_probs.detach().float().cpu().contiguous()
+        if emissions.shape[0] == 0:
+            return Transcript("", [], 0.0)
+        hypothesis = self._decoder(emissions.unsqueeze(0))[0][0]
+        return self._to_transcript(hypothesis, emissions, frame_shift, offset)
+
+    def _to_transcript(self, hypothesis, emissions: torch.Tensor, frame_shift: float, offset: float) -> Transcript:
+        tokens = hypothesis.tokens.tolist()
+        steps = hypothesis.timesteps.tolist()
+        words: list[Word] = []
+        chars: list[str] = []
+        char_steps: list[int] = []
+        space = self.vocabulary.space_id
+
+        def flush() -> None:
+            if chars:
+                frames = emissions[char_steps, [self.vocabulary.tokens.index(c) for c in chars]]
+                confidence = float(np.exp(frames.mean().item()))
+                start, end = char_steps[0], char_steps[-1] + 1
+                words.append(
+                    Word("".join(chars), round(offset + start * frame_shift, 3), round(offset + end * frame_shift, 3), round(confidence, 4))
+                )
+                chars.clear()
+                char_steps.clear()
+
+        for token, step in zip(tokens, steps):
+            if token == space:
+                flush()
+            elif token != 0:
+                chars.append(self.vocabulary.tokens[token])
+                # flashlight's paths start with an initial silence step, so its timesteps are one frame late
+                char_steps.append(min(max(int(step) - 1, 0), emissions.shape[0] - 1))
+        flush()
+        return Transcript(" ".join(w.text for w in words), words, 0.0)
+
+    def with_settings(self, **changes) -> DecoderSettings:
+        return replace(self.settings, **changes)

@@ -1,0 +1,130 @@
+import json
+import math
+
+import pytest
+import torch
+
+from asr.lm import BeamSearchDecoder, DecoderSettings, LanguageModel, LanguageModelError, spell
+from asr.text import Vocabulary
+from training.lm import build_language_model, find_kenlm_tool
+
+VOCAB = Vocabulary()
+
+# A hand-written bigram ARPA model: "the cat sat on the mat" is likely; "kat" is a rare word.
+ARPA = """\\data\\
+ngram 1=9
+ngram 2=6
+
+\\1-grams:
+-1.0\t<unk>\t0
+0\t<s>\t-0.3
+-1.0\t</s>\t0
+-0.7\tthe\t-0.3
+-1.0\tcat\t-0.3
+-1.2\tsat\t-0.3
+-1.2\ton\t-0.3
+-1.2\tmat\t-0.3
+-4.0\tkat\t-0.3
+
+\\2-grams:
+-0.2\t<s> the
+-0.1\tthe cat
+-0.2\tcat sat
+-0.2\tsat on
+-0.2\ton the
+-0.5\tthe mat
+
+\\end\\
+"""
+
+
+@pytest.fixture
+def lm_folder(tmp_path):
+    words = ["the", "cat", "sat", "on", "mat", "kat", "red"]
+    (tmp_path / "lm.arpa").write_text(ARPA)
+    (tmp_path / "lexicon.txt").write_text("".join(f"{w}\t{spell(w)}\n" for w in words))
+    (tmp_path / "decoder.json").write_text(
+        json.dumps({**DecoderSettings(lm_weight=1.0).to_dict(), "lm": "lm.arpa", "lexicon": "lexicon.txt"})
+    )
+    return tmp_path
+
+
+def emissions(frames: list[dict[str, float]]) -> torch.Tensor:
+    """Per-frame posteriors given as {token: probability}; the rest of the mass is spread evenly."""
+    out = torch.zeros(len(frames), len(VOCAB))
+    for t, probs in enumerate(frames):
+        rest = (1 - sum(probs.values())) / (len(VOCAB) - len(probs))
+        out[t] = rest
+        for token, p in probs.items():
+            out[t, VOCAB.tokens.index({"_": "<blank>", "|": " "}.get(token, token))] = p
+    return out.log()
+
+
+def spelled(text: str, ambiguous: dict[int, dict[str, float]] | None = None) -> list[dict[str, float]]:
+    frames = [{"_": 0.9}]
+    for i, ch in enumerate(text):
+        frames.append((ambiguous or {}).get(i, {"|" if ch == " " else ch: 0.9}))
+        frames.append({"_": 0.9})
+    return frames
+
+
+def test_language_model_prefers_the_likely_word_over_a_misspelling(lm_folder):
+    # Acoustically "kat" wins (k 0.5 > c 0.4); the LM knows "the cat" is far more likely.
+    log_probs = emissions(spelled("the kat sat", {4: {"k": 0.5, "c": 0.4}}))
+    from asr.decoding import greedy_decode
+
+    assert greedy_decode(log_probs, VOCAB, 0.03).text == "the kat sat"
+    decoder = BeamSearchDecoder(VOCAB, LanguageModel.load(lm_folder))
+    assert decoder.decode(log_probs, 0.03).text == "the cat sat"
+
+
+def test_hotword_changes_the_output(lm_folder):
+    log_probs = emissions(spelled("zed", {0: {"z": 0.5, "r": 0.4}}))
+    lm = LanguageModel.load(lm_folder)
+    assert BeamSearchDecoder(VOCAB, lm).decode(log_probs, 0.03).text == "red"  # "zed" is not a known word
+    assert BeamSearchDecoder(VOCAB, lm, hotwords=["Zed"]).decode(log_probs, 0.03).text == "zed"
+
+
+def test_lexicon_free_beam_search_spells_unknown_words():
+    log_probs = emissions(spelled("zorblat"))
+    assert BeamSearchDecoder(VOCAB, None).decode(log_probs, 0.03).text == "zorblat"
+
+
+def test_word_timings_are_monotonic_and_inside_the_audio(lm_folder):
+    log_probs = emissions(spelled("the cat sat on the mat"))
+    result = BeamSearchDecoder(VOCAB, LanguageModel.load(lm_folder)).decode(log_probs, 0.03)
+    assert result.text == "the cat sat on the mat"
+    previous_end = 0.0
+    for word in result.words:
+        assert previous_end <= word.start < word.end <= round(len(log_probs) * 0.03, 3)
+        assert word.confidence > 0.8
+        assert word.confidence <= 1
+        previous_end = word.end
+    # "cat" is characters 4-6: frames 9, 11, 13
+    assert math.isclose(result.words[1].start, 9 * 0.03) and math.isclose(result.words[1].end, 14 * 0.03)
+
+
+def test_missing_or_corrupt_language_model_gives_a_clear_error(lm_folder, tmp_path_factory):
+    with pytest.raises(LanguageModelError, match="no decoder.json"):
+        LanguageModel.load(tmp_path_factory.mktemp("empty"))
+    (lm_folder / "lm.arpa").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(LanguageModelError, match="neither a KenLM binary nor an ARPA"):
+        LanguageModel.load(lm_folder)
+    (lm_folder / "lm.arpa").unlink()
+    with pytest.raises(LanguageModelError, match="missing"):
+        LanguageModel.load(lm_folder)
+    (lm_folder / "decoder.json").write_text("{not json")
+    with pytest.raises(LanguageModelError, match="damaged"):
+        LanguageModel.load(lm_folder)
+
+
+@pytest.mark.skipif(find_kenlm_tool("lmplz") is None, reason="KenLM's lmplz is not installed (asr lm install-kenlm)")
+def test_build_language_model_from_a_tiny_text(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The cat sat on the mat.\nThe cat ate 2 fish!\nA dog sat on the log.\n" * 3)
+    folder = build_language_model([text], tmp_path / "lm", order=3, min_count=1)
+    lm = LanguageModel.load(folder)
+    lexicon = dict(line.split("\t") for line in lm.lexicon_file.read_text().splitlines())
+    assert lexicon["cat"] == "c a t |" and lexicon["two"] == "t w o |" and "The" not in lexicon
+    log_probs = emissions(spelled("the kat sat", {4: {"k": 0.5, "c": 0.4}}))
+    assert BeamSearchDecoder(VOCAB, lm).decode(log_probs, 0.03).text == "the cat sat"

@@ -1,0 +1,163 @@
+"""Word n-gram language models for the beam-search decoder, built with KenLM's lmplz.
+
+``build_language_model`` normalises text exactly like transcripts, picks the vocabulary, writes the
+lexicon (word -> characters) that the decoder needs, and runs ``lmplz`` (and ``build_binary`` when
+present) to produce the model. The result is a folder that ``asr.lm.LanguageModel.load`` reads.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from asr.lm import CONFIG_FILE, LEXICON_FILE, DecoderSettings, spell
+from asr.text import normalize_text
+
+KENLM_INSTALL_HINT = (
+    "KenLM's lmplz was not found. Install it with `asr lm install-kenlm` (needs cmake, a C++ compiler and "
+    "Debian's libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev zlib1g-dev "
+    "libbz2-dev liblzma-dev), or put lmplz on PATH, or set KENLM_BIN to the folder that holds it."
+)
+
+
+class LanguageModelBuildError(RuntimeError):
+    """Raised when the language model cannot be built."""
+
+
+def find_kenlm_tool(name: str) -> str | None:
+    """Path of a KenLM program: $KENLM_BIN/name, then PATH, then ~/.local/bin."""
+    candidates = []
+    if os.environ.get("KENLM_BIN"):
+        candidates.append(Path(os.environ["KENLM_BIN"]) / name)
+    found = shutil.which(name)
+    if found:
+        candidates.append(Path(found))
+    candidates.append(Path.home() / ".local" / "bin" / name)
+    return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def read_sentences(path: str | os.PathLike) -> Iterator[str]:
+    """Normalised lines of a text file (.txt, .gz) or the ``text`` fields of a JSONL manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise LanguageModelBuildError(f"text file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if path.name.endswith(".jsonl"):
+                line = json.loads(line).get("text", "") if line.strip() else ""
+            sentence = normalize_text(line)
+            if sentence:
+                yield sentence
+
+
+def build_language_model(
+    sources: Iterable[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    order: int = 3,
+    max_words: int = 60_000,
+    min_count: int = 2,
+    prune: tuple[int, ...] = (0, 0, 1),
+    settings: DecoderSettings | None = None,
+) -> Path:
+    """Build ``output_dir`` with lm.bin (or lm.arpa), lexicon.txt and decoder.json; returns the folder."""
+    lmplz = find_kenlm_tool("lmplz")
+    if lmplz is None:
+        raise LanguageModelBuildError(KENLM_INSTALL_HINT)
+    if order < 2:
+        raise LanguageModelBuildError("order must be at least 2")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = [str(s) for s in sources]
+    counts: collections.Counter[str] = collections.Counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        sentences = 0
+        with corpus.open("w", encoding="utf-8") as handle:
+            for source in sources:
+                for sentence in read_sentences(source):
+                    handle.write(sentence + "\n")
+                    counts.update(sentence.split())
+                    sentences += 1
+        if not counts:
+            raise LanguageModelBuildError("the text sources contain no words")
+        kept = [w for w, c in counts.most_common(max_words) if c >= min_count] or [w for w, _ in counts.most_common(max_words)]
+        vocab_file = Path(tmp) / "vocab.txt"
+        vocab_file.write_text("\n".join(kept) + "\n", encoding="utf-8")
+        arpa = out / "lm.arpa"
+        prune_args = [str(p) for p in prune[:order]] + [str(prune[-1])] * max(0, order - len(prune))
+        command = [
+            lmplz,
+            "-o",
+            str(order),
+            "--prune",
+            *prune_args,
+            "--limit_vocab_file",
+            str(vocab_file),
+            "--discount_fallback",
+            "-S",
+            "20%",
+            "-T",
+            tmp,
+            "--text",
+            str(corpus),
+            "--arpa",
+            str(arpa),
+        ]
+        _run(command)
+        model_file = arpa
+        build_binary = find_kenlm_tool("build_binary")
+        if build_binary is not None:
+            model_file = out / "lm.bin"
+            _run([build_binary, "-s", "trie", "-q", "8", "-b", "8", str(arpa), str(model_file)])
+            arpa.unlink()
+    (out / LEXICON_FILE).write_text("".join(f"{w}\t{spell(w)}\n" for w in kept), encoding="utf-8")
+    config = {
+        **(settings or DecoderSettings()).to_dict(),
+        "lm": model_file.name,
+        "lexicon": LEXICON_FILE,
+        "order": order,
+        "words": len(kept),
+        "sentences": sentences,
+        "sources": [f"{Path(s).parent.name}/{Path(s).name}" if s.endswith(".jsonl") else Path(s).name for s in sources],
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LanguageModelBuildError(f"{Path(command[0]).name} failed ({result.returncode}): {result.stderr[-2000:]}")
+
+
+def install_kenlm(prefix: str | os.PathLike, jobs: int = 2) -> list[Path]:
+    """Download KenLM's source package from PyPI, build lmplz and build_binary with cmake, copy them to prefix/bin."""
+    if shutil.which("cmake") is None:
+        raise LanguageModelBuildError("cmake is required to build KenLM (apt-get install cmake g++)")
+    bin_dir = Path(prefix) / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        import sys
+
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "kenlm", "-d", tmp])
+        archive = next(Path(tmp).glob("kenlm-*.tar.gz"))
+        shutil.unpack_archive(str(archive), tmp)
+        source = next(p for p in Path(tmp).iterdir() if p.is_dir() and p.name.startswith("kenlm-"))
+        build = source / "build"
+        build.mkdir()
+        _run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release"])
+        _run(["cmake", "--build", str(build), "--target", "lmplz", "build_binary", "-j", str(jobs)])
+        installed = []
+        for name in ("lmplz", "build_binary"):
+            target = bin_dir / name
+            shutil.copy2(build / "bin" / name, target)
+            installed.append(target)
+    return installed

@@ -1,0 +1,48 @@
+"""Grid search of the beam-search decoder's LM weight and word score on a dev manifest."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+from asr.lm import BeamSearchDecoder, DecoderSettings, LanguageModel
+from asr.recognizer import Recognizer
+
+from .manifest import read_manifest
+from .metrics import error_rates
+
+
+def tune_decoder(
+    recognizer: Recognizer,
+    lm: LanguageModel,
+    manifests: list[str],
+    lm_weights: list[float],
+    word_scores: list[float],
+    beam_size: int | None = None,
+    limit: int = 0,
+    log=print,
+) -> tuple[DecoderSettings, list[dict]]:
+    """Encode the dev audio once, decode it with every (lm_weight, word_score); returns the best settings and all results."""
+    refs, emissions = [], []
+    for manifest in manifests:
+        utterances = read_manifest(manifest)
+        for utt in utterances[:limit] if limit else utterances:
+            emissions.append(recognizer.log_probs(recognizer_blocks(utt.audio)))
+            refs.append(utt.text)
+    base = lm.settings if beam_size is None else replace(lm.settings, beam_size=beam_size)
+    results = []
+    for weight, score in itertools.product(lm_weights, word_scores):
+        settings = replace(base, lm_weight=weight, word_score=score)
+        decoder = BeamSearchDecoder(recognizer.vocabulary, lm, settings)
+        hyps = [decoder.decode(e, recognizer.frame_shift).text for e in emissions]
+        rates = error_rates(refs, hyps)
+        results.append({"lm_weight": weight, "word_score": score, **rates})
+        log(f"lm_weight {weight:5.2f} word_score {score:5.2f}: WER {100 * rates['wer']:6.2f}% CER {100 * rates['cer']:6.2f}%")
+    best = min(results, key=lambda r: (r["wer"], r["cer"]))
+    return replace(base, lm_weight=best["lm_weight"], word_score=best["word_score"]), results
+
+
+def recognizer_blocks(path):
+    from asr.audio import iter_audio
+
+    return iter_audio(path)
