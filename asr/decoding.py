@@ -28,8 +28,13 @@ class Transcript:
         return {"text": self.text, "duration": self.duration, "words": [asdict(w) for w in self.words]}
 
 
-def greedy_decode(log_probs: torch.Tensor, vocabulary: Vocabulary, frame_shift: float, offset: float = 0.0) -> Transcript:
-    """Best path of log_probs (frames, vocab): collapse repeats, drop blanks, split words at spaces.
+WORD_BREAK_PAUSE = 0.3  # seconds of blanks that separate words even when no space was emitted
+
+
+def greedy_decode(
+    log_probs: torch.Tensor, vocabulary: Vocabulary, frame_shift: float, offset: float = 0.0, word_break_pause: float = WORD_BREAK_PAUSE
+) -> Transcript:
+    """Best path of log_probs (frames, vocab): collapse repeats, drop blanks, split words at spaces and pauses.
 
     A word spans from the first frame of its first character to the end of the last frame of its
     last character; its confidence is the geometric mean of the best-path posteriors of its characters.
@@ -53,8 +58,11 @@ def greedy_decode(log_probs: torch.Tensor, vocabulary: Vocabulary, frame_shift: 
             chars.clear()
             scores.clear()
 
+    pause_frames = max(1, round(word_break_pause / frame_shift))
     for t, token in enumerate(ids_np):
         token = int(token)
+        if token != 0 and chars and t - end >= pause_frames:
+            flush()
         if token != 0 and token == previous:
             if token != vocabulary.space_id:  # a repeated frame extends the current character
                 end = t + 1

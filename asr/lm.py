@@ -201,6 +201,24 @@ class BeamSearchDecoder:
         hypothesis = self._decoder(emissions.unsqueeze(0))[0][0]
         return self._to_transcript(hypothesis, emissions, frame_shift, offset)
 
+    def begin(self) -> None:
+        """Start incremental decoding of a new utterance (``step`` ... ``end``)."""
+        self._decoder.decode_begin()
+
+    def step(self, log_probs: torch.Tensor) -> None:
+        """Feed the next frames (frames, vocab) of the current utterance."""
+        if log_probs.shape[0]:
+            self._decoder.decode_step(log_probs.detach().float().cpu().contiguous())
+
+    def best(self, emissions: torch.Tensor, frame_shift: float, offset: float = 0.0, final: bool = False) -> Transcript:
+        """Current best hypothesis; ``emissions`` are all frames fed since ``begin`` (for confidences)."""
+        if final:
+            self._decoder.decode_end()
+        hypotheses = self._decoder.get_final_hypothesis()
+        if not hypotheses or emissions.shape[0] == 0:
+            return Transcript("", [], 0.0)
+        return self._to_transcript(hypotheses[0], emissions.detach().float().cpu(), frame_shift, offset)
+
     def _to_transcript(self, hypothesis, emissions: torch.Tensor, frame_shift: float, offset: float) -> Transcript:
         tokens = hypothesis.tokens.tolist()
         steps = hypothesis.timesteps.tolist()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
+from asr.audio import SAMPLE_RATE, load_audio
 from asr.model import ModelConfig
 
 DATA = Path(__file__).parent / "data"
@@ -22,7 +25,7 @@ def write_manifest(path: Path, clips: dict[str, str], repeat: int = 1) -> Path:
     return path
 
 
-TINY_MODEL = ModelConfig(hidden_size=64, num_layers=2, dropout=0.0, chunk_frames=8, lookahead_frames=4)
+TINY_MODEL = ModelConfig(hidden_size=64, num_layers=2, dropout=0.0, chunk_frames=20, lookahead_frames=4)
 
 
 def tiny_train_config(folder: Path, manifest: Path, **overrides):
@@ -46,10 +49,21 @@ def tiny_train_config(folder: Path, manifest: Path, **overrides):
     return TrainConfig(**settings)
 
 
+def quiet_noise(seconds: float, seed: int = 0) -> np.ndarray:
+    """Background noise at about -60 dBFS: what a pause sounds like on a real microphone."""
+    return (np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE)) * 1e-3).astype(np.float32)
+
+
 @pytest.fixture(scope="session")
 def overfit_manifest(tmp_path_factory) -> Path:
-    # The two utterances repeated, so an "epoch" is 25 steps of two utterances each.
-    return write_manifest(tmp_path_factory.mktemp("manifest") / "train.jsonl", CLIPS, repeat=25)
+    """The two clips as they are and with pauses around them, repeated: an "epoch" is 25 steps of two utterances."""
+    folder = tmp_path_factory.mktemp("manifest")
+    clips = dict(CLIPS)
+    for i, (name, text) in enumerate(CLIPS.items()):
+        padded = np.concatenate([quiet_noise(0.5, i), load_audio(DATA / name), quiet_noise(0.7, i + 10)])
+        sf.write(folder / f"padded_{i}.wav", padded, SAMPLE_RATE)
+        clips[str(folder / f"padded_{i}.wav")] = text
+    return write_manifest(folder / "train.jsonl", clips, repeat=13)
 
 
 @pytest.fixture(scope="session")

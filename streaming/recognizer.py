@@ -1,0 +1,229 @@
+"""Incremental recognition: one ``RecognitionStream`` per audio stream.
+
+Audio pieces of any size go in; partial hypotheses and final segments come out. The model runs one
+chunk at a time as soon as the chunk and its lookahead have arrived, carrying the forward LSTM state,
+so its output is frame for frame the output of offline (chunked) recognition of the same audio.
+Segments end after a run of non-speech (CTC blank) frames or at a maximum length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from asr.audio import SAMPLE_RATE, StreamResampler
+from asr.decoding import Transcript, Word, greedy_decode
+from asr.features import StreamingFeatures
+from asr.recognizer import Recognizer
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    endpoint_silence: float = 0.6  # seconds of non-speech after speech that end a segment
+    max_segment: float = 20.0  # seconds; a longer segment is finalised anyway
+    partials: bool = True  # emit a partial after each chunk when the text changed
+
+    def __post_init__(self) -> None:
+        if self.endpoint_silence <= 0:
+            raise ValueError("endpoint_silence must be positive")
+        if self.max_segment <= self.endpoint_silence:
+            raise ValueError("max_segment must be longer than endpoint_silence")
+
+
+@dataclass
+class Partial:
+    text: str
+    segment: int
+
+    def to_dict(self) -> dict:
+        return {"type": "partial", "partial": self.text, "segment": self.segment}
+
+
+@dataclass
+class Final:
+    text: str
+    segment: int
+    start: float  # seconds from the stream start
+    end: float
+    words: list[Word] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "type": "final",
+            "text": self.text,
+            "segment": self.segment,
+            "start": self.start,
+            "end": self.end,
+            "result": [{"word": w.text, "start": w.start, "end": w.end, "conf": w.confidence} for w in self.words],
+        }
+
+
+Event = Partial | Final
+
+
+class RecognitionStream:
+    """Feed audio with ``accept``; call ``finish`` at the end. Not thread-safe: one stream per thread or task."""
+
+    def __init__(
+        self,
+        recognizer: Recognizer,
+        sample_rate: int = SAMPLE_RATE,
+        options: StreamOptions = StreamOptions(),
+        hotwords: list[str] | tuple[str, ...] | None = None,
+    ) -> None:
+        config = recognizer.model.config
+        if config.chunk_frames <= 0:
+            raise ValueError("this model runs over whole utterances (chunk_frames=0) and cannot stream")
+        self.recognizer = recognizer
+        self.options = options
+        self.sample_rate = sample_rate
+        self._resampler = StreamResampler(sample_rate)
+        self._features = StreamingFeatures(recognizer.extractor)
+        self._stack = config.stack_frames
+        self._step = config.chunk_frames * self._stack  # 10 ms frames consumed per chunk
+        self._need = self._step + config.lookahead_frames * self._stack
+        self._pending = np.zeros((0, recognizer.extractor.config.n_mels), dtype=np.float32)
+        self._state = None
+        self._frame_shift = recognizer.frame_shift
+        self._endpoint_frames = max(1, round(options.endpoint_silence / self._frame_shift))
+        self._max_frames = round(options.max_segment / self._frame_shift)
+        self._beam = (
+            recognizer.beam_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords)
+            if recognizer.decoder_name == "beam"
+            else None
+        )
+        self._segment = 0
+        self._segment_start = 0  # model frames since the stream start
+        self._segment_frames: list[torch.Tensor] = []
+        self._segment_length = 0
+        self._trailing_blanks = 0
+        self._has_speech = False
+        self._last_partial = ""
+        self._samples_in = 0
+        self._finished = False
+        if self._beam is not None:
+            self._beam.begin()
+
+    @property
+    def seconds_received(self) -> float:
+        return self._samples_in / self.sample_rate
+
+    def accept(self, audio: np.ndarray) -> list[Event]:
+        """audio (samples,) float32 in [-1, 1] or int16, at the stream's sample rate -> new events."""
+        if self._finished:
+            raise RuntimeError("stream already finished")
+        audio = np.asarray(audio)
+        if audio.dtype == np.int16:
+            audio = audio.astype(np.float32) / 32768.0
+        if audio.ndim != 1:
+            raise ValueError(f"audio must be mono (samples,), got shape {audio.shape}")
+        self._samples_in += len(audio)
+        return self._consume(self._resampler(audio.astype(np.float32, copy=False)))
+
+    def finish(self) -> list[Event]:
+        """Flush buffered audio (the last chunk runs without lookahead) and finalise the last segment."""
+        if self._finished:
+            return []
+        events = self._consume(self._resampler(np.zeros(0, dtype=np.float32), last=True))
+        if len(self._pending) >= self._stack:
+            events += self._run(self._pending, None)
+        self._pending = self._pending[:0]
+        final = self._finalize()
+        self._finished = True
+        return events + ([final] if final else [])
+
+    def _consume(self, audio: np.ndarray) -> list[Event]:
+        events: list[Event] = []
+        feats = self._features.accept(audio)
+        if len(feats):
+            self._pending = np.concatenate([self._pending, feats])
+        while len(self._pending) >= self._need:
+            events += self._run(self._pending[: self._need], self._step // self._stack)
+            self._pending = self._pending[self._step :]
+        return events
+
+    @torch.inference_mode()
+    def _run(self, feats: np.ndarray, num_output: int | None) -> list[Event]:
+        model = self.recognizer.model
+        device = self.recognizer.device
+        x = torch.from_numpy(np.ascontiguousarray(feats)).unsqueeze(0).to(device)
+        log_probs, _, self._state = model(x, torch.tensor([len(feats)], device=device), self._state, num_output)
+        log_probs = log_probs[0].float().cpu()
+        events: list[Event] = []
+        blank = log_probs.argmax(-1) == 0
+        for start in range(0, len(log_probs), self._max_frames):  # a huge final piece may hold several segments
+            piece, piece_blank = log_probs[start : start + self._max_frames], blank[start : start + self._max_frames]
+            room = self._max_frames - self._segment_length
+            if len(piece) > room:
+                events += self._add(piece[:room], piece_blank[:room])
+                events.append(self._finalize())
+                piece, piece_blank = piece[room:], piece_blank[room:]
+            events += self._add(piece, piece_blank)
+        return [e for e in events if e is not None]
+
+    def _add(self, log_probs: torch.Tensor, blank: torch.Tensor) -> list[Event]:
+        """Append frames to the current segment, ending segments at every endpoint inside them."""
+        events: list[Event] = []
+        start = 0
+        for i, is_blank in enumerate(blank.tolist()):
+            if is_blank:
+                self._trailing_blanks += 1
+            else:
+                self._has_speech, self._trailing_blanks = True, 0
+            if self._has_speech and self._trailing_blanks >= self._endpoint_frames:
+                self._append(log_probs[start : i + 1])
+                events.append(self._finalize())
+                start = i + 1
+        if start == len(log_probs):
+            return events
+        self._append(log_probs[start:])
+        if not self._has_speech:
+            if self._segment_length > 2 * self._endpoint_frames and self._beam is None:
+                self._drop_silence()
+            return events
+        if self.options.partials:
+            text = self._transcript(final=False).text
+            if text != self._last_partial:
+                self._last_partial = text
+                events.append(Partial(text, self._segment))
+        return events
+
+    def _append(self, log_probs: torch.Tensor) -> None:
+        self._segment_frames.append(log_probs)
+        self._segment_length += len(log_probs)
+        if self._beam is not None:
+            self._beam.step(log_probs)
+
+    def _drop_silence(self) -> None:
+        """Forget leading silence of a segment with no speech yet (bounded memory during long pauses)."""
+        frames = torch.cat(self._segment_frames)
+        keep = self._endpoint_frames
+        self._segment_start += len(frames) - keep
+        self._segment_frames = [frames[-keep:]]
+        self._segment_length = keep
+
+    def _transcript(self, final: bool) -> Transcript:
+        emissions = torch.cat(self._segment_frames) if self._segment_frames else torch.zeros(0, len(self.recognizer.vocabulary))
+        offset = self._segment_start * self._frame_shift
+        if self._beam is not None:
+            return self._beam.best(emissions, self._frame_shift, offset, final=final)
+        return greedy_decode(emissions, self.recognizer.vocabulary, self._frame_shift, offset)
+
+    def _finalize(self) -> Final | None:
+        """End the current segment; returns its Final if it held any words."""
+        if not self._segment_length:
+            return None
+        transcript = self._transcript(final=True)
+        start = self._segment_start * self._frame_shift
+        end = (self._segment_start + self._segment_length) * self._frame_shift
+        final = Final(transcript.text, self._segment, round(start, 3), round(end, 3), transcript.words) if transcript.text else None
+        if final is not None:
+            self._segment += 1
+        self._segment_start += self._segment_length
+        self._segment_frames, self._segment_length = [], 0
+        self._trailing_blanks, self._has_speech, self._last_partial = 0, False, ""
+        if self._beam is not None:
+            self._beam.begin()
+        return final
