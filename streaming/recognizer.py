@@ -119,6 +119,8 @@ class RecognitionStream:
             audio = audio.astype(np.float32) / 32768.0
         if audio.ndim != 1:
             raise ValueError(f"audio must be mono (samples,), got shape {audio.shape}")
+        if audio.dtype.kind == "f" and not np.all(np.isfinite(audio)):
+            raise ValueError("audio contains NaN or infinite samples")
         self._samples_in += len(audio)
         return self._consume(self._resampler(audio.astype(np.float32, copy=False)))
 
