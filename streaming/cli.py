@@ -74,5 +74,34 @@ def add_mic_parser(subparsers) -> None:
     p.set_defaults(handler=run_mic)
 
 
+def run_bench_stream(args: argparse.Namespace) -> int:
+    from asr.checkpoint import CheckpointError
+    from asr.lm import LanguageModelError
+
+    from .bench import stream_benchmark
+    from .recognizer import StreamOptions
+
+    try:
+        recognizer = _load(args)
+        report = stream_benchmark(recognizer, args.manifests, args.limit, StreamOptions(endpoint_silence=args.endpoint_silence),
+                                  args.memory_minutes, log=lambda m: print(m, file=sys.stderr))
+    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_bench_stream_parser(bench_commands) -> None:
+    p = bench_commands.add_parser("stream", help="streaming vs offline accuracy, compute per stream, latency, memory")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p.add_argument("--limit", type=int, default=50, help="utterances per manifest (evenly spaced; 0 = all)")
+    p.add_argument("--endpoint-silence", type=float, default=0.6)
+    p.add_argument("--memory-minutes", type=int, default=60, help="also stream this many minutes and report memory (0 = skip)")
+    _add_model_options(p)
+    p.set_defaults(handler=run_bench_stream, threads=1)
+
+
 def register(subparsers, bench_commands) -> None:
     add_mic_parser(subparsers)
+    add_bench_stream_parser(bench_commands)
