@@ -13,13 +13,13 @@ import torch
 from .audio import SAMPLE_RATE, AudioSource, iter_audio, prepare_array
 from .checkpoint import ModelBundle, load_model_file
 from .decoding import Transcript, greedy_decode
+from .encoder import ChunkedEncoder
 from .features import LogMelExtractor, StreamingFeatures
 from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
 BUNDLED_LM = Path(__file__).parent / "models" / "en-lm"
 DECODERS = ("auto", "beam", "greedy")
-SEGMENT_CHUNKS = 200  # chunks encoded per model call on long audio (bounds memory, keeps batches large)
 
 
 @dataclass(frozen=True)
@@ -94,35 +94,16 @@ class Recognizer:
 
     @torch.inference_mode()
     def log_probs(self, blocks) -> torch.Tensor:
-        """Encode 16 kHz audio blocks into log-probabilities (frames, vocab), a segment at a time.
-
-        Long audio is processed in segments of whole chunks, carrying the forward state and giving
-        each segment its lookahead, so the output equals one pass over the whole recording.
-        """
-        config = self.model.config
-        stack = config.stack_frames
-        chunk = config.chunk_frames
+        """Encode 16 kHz audio blocks (any sizes) into log-probabilities (frames, vocab)."""
         features = StreamingFeatures(self.extractor)
-        pending = np.zeros((0, self.extractor.config.n_mels), dtype=np.float32)
-        state = None
-        outputs = []
-        segment = chunk * SEGMENT_CHUNKS * stack if chunk else 0  # 10 ms frames per segment
-        lookahead = config.lookahead_frames * stack
-
-        def encode(feats: np.ndarray, num_output: int | None) -> None:
-            nonlocal state
-            x = torch.from_numpy(np.ascontiguousarray(feats)).unsqueeze(0).to(self.device)
-            lp, _, state = self.model(x, torch.tensor([len(feats)], device=self.device), state, num_output)
-            outputs.append(lp[0].float().cpu())
-
-        for block in blocks:
-            pending = np.concatenate([pending, features.accept(block)])
-            while segment and len(pending) >= segment + lookahead:
-                encode(pending[: segment + lookahead], segment // stack)
-                pending = pending[segment:]
-        if len(pending) >= stack or not outputs:
-            encode(pending, None)
-        return torch.cat(outputs) if outputs else torch.zeros(0, len(self.vocabulary))
+        if self.model.config.chunk_frames == 0:  # an ordinary BLSTM: one pass over the whole recording
+            feats = np.concatenate([features.accept(b) for b in blocks] or [np.zeros((0, self.extractor.config.n_mels), np.float32)])
+            x = torch.from_numpy(feats).unsqueeze(0).to(self.device)
+            return self.model(x, torch.tensor([len(feats)], device=self.device))[0][0].float().cpu()
+        encoder = ChunkedEncoder(self.model, self.device, self.frame_shift)
+        outputs = [encoder.accept(features.accept(block)) for block in blocks]
+        outputs.append(encoder.flush())
+        return torch.cat(outputs)
 
     def decode(self, log_probs: torch.Tensor, hotwords: tuple[str, ...] | list[str] | None = None) -> Transcript:
         """log_probs (frames, vocab) -> Transcript with the configured decoder."""

@@ -70,15 +70,22 @@ def latencies(timeline: list[tuple[float, object]]) -> tuple[list[float], list[f
     return word_latency, final_latency
 
 
-def stream_benchmark(recognizer: Recognizer, manifests: list[str], limit: int, options: StreamOptions, memory_minutes: int = 60,
-                     log=print) -> dict:
+def stream_benchmark(
+    recognizer: Recognizer, manifests: list[str], limit: int, options: StreamOptions, memory_minutes: int = 60, log=print
+) -> dict:
     """Per manifest: streaming vs offline WER/CER of the same model, compute RTF per stream, latencies."""
     import jiwer
 
-    report = {"decoder": recognizer.decoder_name, "chunk_ms": round(recognizer.model.config.chunk_frames * recognizer.frame_shift * 1000),
-              "lookahead_ms": round(recognizer.model.config.lookahead_frames * recognizer.frame_shift * 1000),
-              "endpoint_silence": options.endpoint_silence, "torch_threads": torch.get_num_threads(),
-              "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"), "results": []}
+    report = {
+        "decoder": recognizer.decoder_name,
+        "chunk_ms": round(recognizer.model.config.chunk_frames * recognizer.frame_shift * 1000),
+        "lookahead_ms": round(recognizer.model.config.lookahead_frames * recognizer.frame_shift * 1000),
+        "endpoint_silence": options.endpoint_silence,
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "results": [],
+    }
     rng = np.random.default_rng(0)
     stream_utterance(recognizer, (rng.standard_normal(SAMPLE_RATE) * 1e-3).astype(np.float32), options)  # warm-up (librosa JIT)
     for manifest in manifests:
@@ -100,12 +107,18 @@ def stream_benchmark(recognizer: Recognizer, manifests: list[str], limit: int, o
             refs.append(text)
         name = f"{Path(manifest).parent.name}/{Path(manifest).stem}"
         result = {
-            "manifest": name, "utterances": len(refs), "audio_seconds": round(audio_seconds, 1),
-            "offline_wer": round(jiwer.wer(refs, offline), 4), "streaming_wer": round(jiwer.wer(refs, streamed), 4),
-            "offline_cer": round(jiwer.cer(refs, offline), 4), "streaming_cer": round(jiwer.cer(refs, streamed), 4),
+            "manifest": name,
+            "utterances": len(refs),
+            "audio_seconds": round(audio_seconds, 1),
+            "offline_wer": round(jiwer.wer(refs, offline), 4),
+            "streaming_wer": round(jiwer.wer(refs, streamed), 4),
+            "offline_cer": round(jiwer.cer(refs, offline), 4),
+            "streaming_cer": round(jiwer.cer(refs, streamed), 4),
             "rtf_per_stream": round(compute / audio_seconds, 4),
-            "partial_latency_p50": _percentile(word_latency, 50), "partial_latency_p95": _percentile(word_latency, 95),
-            "final_latency_p50": _percentile(final_latency, 50), "final_latency_p95": _percentile(final_latency, 95),
+            "partial_latency_p50": _percentile(word_latency, 50),
+            "partial_latency_p95": _percentile(word_latency, 95),
+            "final_latency_p50": _percentile(final_latency, 50),
+            "final_latency_p95": _percentile(final_latency, 95),
         }
         log(json.dumps(result))
         report["results"].append(result)

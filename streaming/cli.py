@@ -83,8 +83,14 @@ def run_bench_stream(args: argparse.Namespace) -> int:
 
     try:
         recognizer = _load(args)
-        report = stream_benchmark(recognizer, args.manifests, args.limit, StreamOptions(endpoint_silence=args.endpoint_silence),
-                                  args.memory_minutes, log=lambda m: print(m, file=sys.stderr))
+        report = stream_benchmark(
+            recognizer,
+            args.manifests,
+            args.limit,
+            StreamOptions(endpoint_silence=args.endpoint_silence),
+            args.memory_minutes,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

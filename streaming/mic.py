@@ -32,9 +32,15 @@ def input_devices() -> list[dict]:
     except sd.PortAudioError as error:
         raise MicrophoneError(f"cannot list audio devices: {error}") from error
     return [
-        {"index": i, "name": d["name"], "channels": d["max_input_channels"], "default_samplerate": d["default_samplerate"],
-         "default": i == default}
-        for i, d in enumerate(devices) if d["max_input_channels"] > 0
+        {
+            "index": i,
+            "name": d["name"],
+            "channels": d["max_input_channels"],
+            "default_samplerate": d["default_samplerate"],
+            "default": i == default,
+        }
+        for i, d in enumerate(devices)
+        if d["max_input_channels"] > 0
     ]
 
 
@@ -65,8 +71,9 @@ def capture(device: int | None, sample_rate: int) -> Iterator[np.ndarray]:
         blocks.put(indata[:, 0].astype(np.float32) / 32768.0)
 
     try:
-        stream = sd.InputStream(device=device, channels=1, samplerate=sample_rate, dtype="int16",
-                                blocksize=int(sample_rate * BLOCK_SECONDS), callback=callback)
+        stream = sd.InputStream(
+            device=device, channels=1, samplerate=sample_rate, dtype="int16", blocksize=int(sample_rate * BLOCK_SECONDS), callback=callback
+        )
     except (sd.PortAudioError, ValueError) as error:
         raise MicrophoneError(f"cannot open input device {device}: {error}") from error
     with stream:

@@ -15,6 +15,7 @@ import torch
 
 from asr.audio import SAMPLE_RATE, StreamResampler
 from asr.decoding import Transcript, Word, greedy_decode
+from asr.encoder import ChunkedEncoder
 from asr.features import StreamingFeatures
 from asr.recognizer import Recognizer
 
@@ -73,19 +74,12 @@ class RecognitionStream:
         options: StreamOptions = StreamOptions(),
         hotwords: list[str] | tuple[str, ...] | None = None,
     ) -> None:
-        config = recognizer.model.config
-        if config.chunk_frames <= 0:
-            raise ValueError("this model runs over whole utterances (chunk_frames=0) and cannot stream")
         self.recognizer = recognizer
         self.options = options
         self.sample_rate = sample_rate
         self._resampler = StreamResampler(sample_rate)
         self._features = StreamingFeatures(recognizer.extractor)
-        self._stack = config.stack_frames
-        self._step = config.chunk_frames * self._stack  # 10 ms frames consumed per chunk
-        self._need = self._step + config.lookahead_frames * self._stack
-        self._pending = np.zeros((0, recognizer.extractor.config.n_mels), dtype=np.float32)
-        self._state = None
+        self._encoder = ChunkedEncoder(recognizer.model, recognizer.device, recognizer.frame_shift)
         self._frame_shift = recognizer.frame_shift
         self._endpoint_frames = max(1, round(options.endpoint_silence / self._frame_shift))
         self._max_frames = round(options.max_segment / self._frame_shift)
@@ -129,40 +123,24 @@ class RecognitionStream:
         if self._finished:
             return []
         events = self._consume(self._resampler(np.zeros(0, dtype=np.float32), last=True))
-        if len(self._pending) >= self._stack:
-            events += self._run(self._pending, None)
-        self._pending = self._pending[:0]
+        events += self._segments(self._encoder.flush())
         final = self._finalize()
         self._finished = True
         return events + ([final] if final else [])
 
     def _consume(self, audio: np.ndarray) -> list[Event]:
-        events: list[Event] = []
-        feats = self._features.accept(audio)
-        if len(feats):
-            self._pending = np.concatenate([self._pending, feats])
-        while len(self._pending) >= self._need:
-            events += self._run(self._pending[: self._need], self._step // self._stack)
-            self._pending = self._pending[self._step :]
-        return events
+        return self._segments(self._encoder.accept(self._features.accept(audio)))
 
-    @torch.inference_mode()
-    def _run(self, feats: np.ndarray, num_output: int | None) -> list[Event]:
-        model = self.recognizer.model
-        device = self.recognizer.device
-        x = torch.from_numpy(np.ascontiguousarray(feats)).unsqueeze(0).to(device)
-        log_probs, _, self._state = model(x, torch.tensor([len(feats)], device=device), self._state, num_output)
-        log_probs = log_probs[0].float().cpu()
+    def _segments(self, log_probs: torch.Tensor) -> list[Event]:
+        """Add new frames to the current segment, splitting at endpoints and at the maximum length."""
         events: list[Event] = []
         blank = log_probs.argmax(-1) == 0
-        for start in range(0, len(log_probs), self._max_frames):  # a huge final piece may hold several segments
-            piece, piece_blank = log_probs[start : start + self._max_frames], blank[start : start + self._max_frames]
+        while len(log_probs):
             room = self._max_frames - self._segment_length
-            if len(piece) > room:
-                events += self._add(piece[:room], piece_blank[:room])
+            events += self._add(log_probs[:room], blank[:room])
+            if self._segment_length >= self._max_frames:
                 events.append(self._finalize())
-                piece, piece_blank = piece[room:], piece_blank[room:]
-            events += self._add(piece, piece_blank)
+            log_probs, blank = log_probs[room:], blank[room:]
         return [e for e in events if e is not None]
 
     def _add(self, log_probs: torch.Tensor, blank: torch.Tensor) -> list[Event]:

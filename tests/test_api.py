@@ -4,7 +4,6 @@ import soundfile as sf
 import torch
 
 import asr
-import asr.recognizer as recognizer_module
 from asr.audio import load_audio
 from tests.conftest import DATA
 
@@ -38,14 +37,26 @@ def test_word_timings_are_monotonic_and_inside_the_audio(recognizer):
         ends.append(word.end)
 
 
-def test_long_audio_segments_equal_one_pass(recognizer, monkeypatch):
-    """Long recordings are encoded in segments carrying state; the result must not depend on the segment size."""
+def test_block_sizes_do_not_change_the_output(recognizer):
     audio = np.concatenate([load_audio(DATA / n) for n in ("how_much_was_it.opus", "does_that_look_good.opus")] * 3)
     whole = recognizer.log_probs([audio])
-    monkeypatch.setattr(recognizer_module, "SEGMENT_CHUNKS", 1)
-    pieces = recognizer.log_probs(np.array_split(audio, 7))
+    pieces = recognizer.log_probs(np.array_split(audio, 37))
     assert pieces.shape == whole.shape
     torch.testing.assert_close(pieces, whole, atol=1e-4, rtol=1e-3)
+
+
+def test_forward_state_restarts_after_a_pause(tiny_model):
+    from asr.encoder import ChunkedEncoder
+    from asr.features import compute_features
+    from tests.conftest import quiet_noise
+
+    recognizer = asr.load_model(tiny_model, "cpu")
+    audio = np.concatenate([load_audio(DATA / "how_much_was_it.opus"), quiet_noise(2.0), load_audio(DATA / "how_much_was_it.opus")])
+    encoder = ChunkedEncoder(recognizer.model, recognizer.device, recognizer.frame_shift)
+    encoder.accept(compute_features(audio, recognizer.extractor))
+    encoder.flush()
+    assert encoder.resets >= 1
+    assert recognizer.transcribe(audio, 16000).text == "how much was it how much was it"
 
 
 def test_silence_and_very_short_audio(recognizer):

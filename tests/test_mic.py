@@ -52,8 +52,20 @@ def test_lists_and_selects_devices(alsa_home, tiny_model):
 
 
 def test_transcribes_the_microphone(alsa_home, tiny_model):
-    result = mic(alsa_home, "--input-device", "testmic", "--sample-rate", "16000", "--max-seconds", "6", "--json",
-                 "--model", str(tiny_model), "--decoder", "greedy")
+    result = mic(
+        alsa_home,
+        "--input-device",
+        "testmic",
+        "--sample-rate",
+        "16000",
+        "--max-seconds",
+        "6",
+        "--json",
+        "--model",
+        str(tiny_model),
+        "--decoder",
+        "greedy",
+    )
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     finals = [e["text"] for e in events if e["type"] == "final"]

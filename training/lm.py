@@ -147,7 +147,7 @@ def install_kenlm(prefix: str | os.PathLike, jobs: int = 2) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         import sys
 
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "kenlm", "-d", tmp])
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "kenlm", "--no-build-isolation", "kenlm", "-d", tmp])
         archive = next(Path(tmp).glob("kenlm-*.tar.gz"))
         shutil.unpack_archive(str(archive), tmp)
         source = next(p for p in Path(tmp).iterdir() if p.is_dir() and p.name.startswith("kenlm-"))
