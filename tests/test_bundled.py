@@ -1,0 +1,48 @@
+"""The bundled English model and language model, as a user gets them after install."""
+
+import json
+import subprocess
+import sys
+
+import jiwer
+import pytest
+
+import asr
+from asr.checkpoint import load_model_file
+from asr.recognizer import BUNDLED_LM, BUNDLED_MODEL
+from tests.conftest import DATA
+
+REFERENCE = "and costing eleven pounds fifteen shillings eight pence within ten days"  # LJ002-0179 (in the training data)
+
+
+@pytest.fixture(scope="module")
+def greedy():
+    return asr.load_model(options=asr.DecodeOptions(decoder="greedy"))
+
+
+def test_bundled_files_are_small_and_self_describing():
+    assert BUNDLED_MODEL.stat().st_size < 40e6
+    assert sum(f.stat().st_size for f in BUNDLED_LM.iterdir()) < 40e6
+    bundle = load_model_file(BUNDLED_MODEL)
+    assert bundle.model.config.chunk_frames > 0 and bundle.metadata["train_hours"] > 10
+    assert json.loads((BUNDLED_LM / "decoder.json").read_text())["lm"] == "lm.bin"
+
+
+def test_default_recognizer_uses_beam_search_with_the_bundled_lm():
+    recognizer = asr.load_model()
+    assert recognizer.decoder_name == "beam" and recognizer.language_model is not None
+    result = recognizer.transcribe(DATA / "LJ002-0179.opus")
+    assert jiwer.cer(REFERENCE, result.text) < 0.35, result.text
+    assert all(0 <= w.start < w.end <= result.duration + 0.05 for w in result.words)
+
+
+def test_greedy_decoding_of_the_bundled_model(greedy):
+    result = greedy.transcribe(DATA / "LJ002-0179.opus")
+    assert jiwer.cer(REFERENCE, result.text) < 0.45, result.text
+
+
+def test_quick_start_command():
+    result = subprocess.run([sys.executable, "-m", "asr", "transcribe", str(DATA / "LJ002-0179.opus"), "-f", "srt"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("1\n00:00:0") and "-->" in result.stdout
