@@ -82,8 +82,11 @@ def test_missing_model_file_gives_a_clear_error(tmp_path):
     assert b"model file not found" in result.stderr and b"Traceback" not in result.stderr
 
 
-def test_eval_reports_wer_cer_and_rtf(tmp_path, tiny_model, overfit_manifest):
-    result = asr("eval", str(overfit_manifest), "--model", str(tiny_model), "--limit", "4", "--json", str(tmp_path / "r.json"))
+def test_eval_reports_wer_cer_and_rtf(tmp_path, tiny_model):
+    from tests.conftest import write_manifest
+
+    manifest = write_manifest(tmp_path / "m.jsonl", CLIPS, repeat=2)
+    result = asr("eval", str(manifest), "--model", str(tiny_model), "--limit", "4", "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr.decode()
     report = json.loads((tmp_path / "r.json").read_text())[0]
     assert report["utterances"] == 4 and report["wer"] == 0.0 and report["cer"] == 0.0 and 0 < report["rtf"] < 5
