@@ -21,7 +21,7 @@ EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="model file (default: the bundled English model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0 = torch's default)")
@@ -58,7 +58,7 @@ def decode_options(args: argparse.Namespace):
     return DecodeOptions(args.chunk_frames, args.lookahead_frames, args.decoder, args.lm, settings, tuple(hotwords))
 
 
-def _load(args: argparse.Namespace):
+def load_recognizer(args: argparse.Namespace):
     import torch
 
     from .recognizer import load_model
@@ -110,7 +110,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
     if args.jobs > 1 and not args.threads:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     try:
-        recognizer = _load(args)
+        recognizer = load_recognizer(args)
     except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -173,7 +173,7 @@ def add_transcribe_parser(subparsers) -> None:
     p.add_argument("-o", "--output-dir", help="write <name>.<format> files here instead of printing")
     p.add_argument("-j", "--jobs", type=int, default=1, help="files transcribed in parallel")
     p.add_argument("--no-progress", action="store_true")
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(handler=run_transcribe)
 
 
@@ -181,7 +181,7 @@ def run_bench_offline(args: argparse.Namespace) -> int:
     from .bench import offline_benchmark
 
     try:
-        recognizer = _load(args)
+        recognizer = load_recognizer(args)
         result = offline_benchmark(recognizer, args.paths, long_minutes=args.long_minutes)
     except (CheckpointError, LanguageModelError, AudioError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -198,7 +198,7 @@ def add_bench_parser(subparsers):
     p = bench_commands.add_parser("offline", help="offline real-time factor and peak memory")
     p.add_argument("paths", nargs="+", metavar="AUDIO_OR_MANIFEST", help="audio files or JSONL manifests")
     p.add_argument("--long-minutes", type=float, default=0, help="also transcribe one recording this long (concatenated inputs)")
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(handler=run_bench_offline, threads=1)
     return bench_commands
 

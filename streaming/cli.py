@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from asr.cli import _add_model_options, _load
+from asr.cli import add_model_options, load_recognizer
 
 
 def run_mic(args: argparse.Namespace) -> int:
@@ -28,7 +28,7 @@ def run_mic(args: argparse.Namespace) -> int:
             return 0
         device, device_rate = resolve_device(args.input_device)
         rate = args.sample_rate or device_rate
-        recognizer = _load(args)
+        recognizer = load_recognizer(args)
         stream = RecognitionStream(recognizer, rate, StreamOptions(endpoint_silence=args.endpoint_silence, max_segment=args.max_segment))
     except (MicrophoneError, CheckpointError, LanguageModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -70,7 +70,7 @@ def add_mic_parser(subparsers) -> None:
     p.add_argument("--max-segment", type=float, default=20.0, help="longest segment in seconds")
     p.add_argument("--max-seconds", type=float, default=0, help="stop after this much audio (0 = until Ctrl+C)")
     p.add_argument("--json", action="store_true", help="print events as JSON lines instead of the live display")
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(handler=run_mic)
 
 
@@ -82,7 +82,7 @@ def run_bench_stream(args: argparse.Namespace) -> int:
     from .recognizer import StreamOptions
 
     try:
-        recognizer = _load(args)
+        recognizer = load_recognizer(args)
         report = stream_benchmark(
             recognizer,
             args.manifests,
@@ -104,7 +104,7 @@ def add_bench_stream_parser(bench_commands) -> None:
     p.add_argument("--limit", type=int, default=50, help="utterances per manifest (evenly spaced; 0 = all)")
     p.add_argument("--endpoint-silence", type=float, default=0.6)
     p.add_argument("--memory-minutes", type=int, default=60, help="also stream this many minutes and report memory (0 = skip)")
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(handler=run_bench_stream, threads=1)
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from asr.cli import _add_model_options
+from asr.cli import add_model_options
 from asr.model import ModelConfig
 
 
@@ -94,14 +94,14 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from asr.checkpoint import CheckpointError
-    from asr.cli import _load
+    from asr.cli import load_recognizer
     from asr.lm import LanguageModelError
 
     from .evaluate import evaluate_manifest
     from .manifest import ManifestError
 
     try:
-        recognizer = _load(args)
+        recognizer = load_recognizer(args)
     except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -125,7 +125,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser("eval", help="WER, CER and real-time factor on manifests")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--limit", type=int, default=0, help="score only the first N utterances of each manifest")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(handler=run_eval)
@@ -242,7 +242,7 @@ def add_lm_parser(subparsers) -> None:
 
 def run_tune(args: argparse.Namespace) -> int:
     from asr.checkpoint import CheckpointError
-    from asr.cli import _load
+    from asr.cli import load_recognizer
     from asr.lm import LanguageModel, LanguageModelError
 
     from .tune import tune_decoder
@@ -250,7 +250,7 @@ def run_tune(args: argparse.Namespace) -> int:
     args.decoder, args.hotwords, args.hotwords_file = "greedy", "", None  # emissions only; the tuner builds decoders
     try:
         lm = LanguageModel.load(args.lm) if args.lm else None
-        recognizer = _load(args)
+        recognizer = load_recognizer(args)
         if lm is None:
             from asr.recognizer import BUNDLED_LM
 
@@ -278,7 +278,7 @@ def run_tune(args: argparse.Namespace) -> int:
 def add_tune_parser(subparsers) -> None:
     p = subparsers.add_parser("tune-decoder", help="grid-search LM weight and word score on dev manifests; store the best with the LM")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--lm-weights", type=float, nargs="+", default=[0.3, 0.5, 0.8, 1.1, 1.5])
     p.add_argument("--word-scores", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0])
     p.add_argument("--limit", type=int, default=0, help="use the first N utterances of each manifest")
