@@ -38,7 +38,7 @@ class DecoderSettings:
     beam_threshold: float = 20.0
     lm_weight: float = 0.8
     word_score: float = 0.0
-    unk_score: float = -math.inf  # -inf: only lexicon words; finite: out-of-vocabulary spellings allowed at this score
+    unk_score: float = -math.inf  # score of the LM's <unk> word; -inf: only lexicon words
     hotword_bonus: float = HOTWORD_BONUS
 
     def __post_init__(self) -> None:

@@ -27,7 +27,7 @@ class DecodeOptions:
     chunk_frames: int | None = None  # model frames per chunk; None = the model's own setting
     lookahead_frames: int | None = None
     decoder: str = "auto"  # auto: beam search when a language model is available, else greedy
-    lm: str | None = None  # language-model folder; None = the bundled LM for the bundled model
+    lm: str | None = None  # language-model folder; None = the bundled LM for the bundled model; "none" = no LM
     settings: dict = field(default_factory=dict)  # overrides of the LM folder's DecoderSettings
     hotwords: tuple[str, ...] = ()
 
@@ -70,6 +70,8 @@ class Recognizer:
         self._local = threading.local()
 
     def _language_model(self, options: DecodeOptions) -> LanguageModel | None:
+        if options.lm == "none":
+            return None
         if options.lm:
             return LanguageModel.load(options.lm)
         bundled = Path(self.bundle.metadata.get("source_path", "")) == BUNDLED_MODEL.resolve()

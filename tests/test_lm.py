@@ -128,3 +128,12 @@ def test_build_language_model_from_a_tiny_text(tmp_path):
     assert lexicon["cat"] == "c a t |" and lexicon["two"] == "t w o |" and "The" not in lexicon
     log_probs = emissions(spelled("the kat sat", {4: {"k": 0.5, "c": 0.4}}))
     assert BeamSearchDecoder(VOCAB, lm).decode(log_probs, 0.03).text == "the cat sat"
+
+
+def test_lexicon_free_mode_through_the_recognizer_options(tiny_model):
+    import asr
+    from tests.conftest import CLIPS, DATA
+
+    recognizer = asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="beam", lm="none"))
+    assert recognizer.language_model is None and recognizer.decoder_name == "beam"
+    assert recognizer.transcribe(DATA / "how_much_was_it.opus").text == CLIPS["how_much_was_it.opus"]
