@@ -29,8 +29,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookahead-frames", type=int, default=None, help="override the model's lookahead (30 ms frames)")
     d = p.add_argument_group("decoding")
     d.add_argument("--decoder", choices=DECODERS, default="auto", help="auto: beam search with the LM when there is one, else greedy")
-    d.add_argument("--lm", help="language-model folder from `asr lm build` (default: the bundled LM with the bundled model); "
-                   "'none' with --decoder beam: lexicon-free beam search that can spell any word")
+    d.add_argument(
+        "--lm",
+        help="language-model folder from `asr lm build` (default: the bundled LM with the bundled model); "
+        "'none' with --decoder beam: lexicon-free beam search that can spell any word",
+    )
     d.add_argument("--beam-size", type=int, help="hypotheses kept per frame")
     d.add_argument("--lm-weight", type=float, help="language-model weight")
     d.add_argument("--word-score", type=float, help="score added per word (insertion bonus)")

@@ -37,9 +37,10 @@ class StreamOptions:
 class Partial:
     text: str
     segment: int
+    committed: int = 0  # leading words that will not change any more in this segment's partials
 
     def to_dict(self) -> dict:
-        return {"type": "partial", "partial": self.text, "segment": self.segment}
+        return {"type": "partial", "partial": self.text, "segment": self.segment, "committed": self.committed}
 
 
 @dataclass
@@ -95,6 +96,9 @@ class RecognitionStream:
         self._trailing_blanks = 0
         self._has_speech = False
         self._last_partial = ""
+        self._committed: list[str] = []
+        self._transcript_words: list[Word] = []
+        self._lookahead = recognizer.model.config.lookahead_frames
         self._samples_in = 0
         self._finished = False
         if self._beam is not None:
@@ -164,11 +168,24 @@ class RecognitionStream:
                 self._drop_silence()
             return events
         if self.options.partials:
-            text = self._transcript(final=False).text
-            if text != self._last_partial:
-                self._last_partial = text
-                events.append(Partial(text, self._segment))
+            partial = self._partial()
+            if partial.text != self._last_partial:
+                self._last_partial = partial.text
+                events.append(partial)
         return events
+
+    def _partial(self) -> Partial:
+        """The current hypothesis, keeping words already committed: a word is committed once another word
+        follows it and it ended before the lookahead horizon, so that what a user has read does not flicker."""
+        words = [w.text for w in self._transcript(final=False).words]
+        horizon = (self._segment_start + self._segment_length - self._lookahead) * self._frame_shift
+        ends = [w.end for w in self._transcript_words]
+        for i in range(len(self._committed), len(words) - 1):
+            if ends[i] > horizon:
+                break
+            self._committed.append(words[i])
+        shown = self._committed + words[len(self._committed) :]
+        return Partial(" ".join(shown), self._segment, len(self._committed))
 
     def _append(self, log_probs: torch.Tensor) -> None:
         self._segment_frames.append(log_probs)
@@ -188,8 +205,11 @@ class RecognitionStream:
         emissions = torch.cat(self._segment_frames) if self._segment_frames else torch.zeros(0, len(self.recognizer.vocabulary))
         offset = self._segment_start * self._frame_shift
         if self._beam is not None:
-            return self._beam.best(emissions, self._frame_shift, offset, final=final)
-        return greedy_decode(emissions, self.recognizer.vocabulary, self._frame_shift, offset)
+            transcript = self._beam.best(emissions, self._frame_shift, offset, final=final)
+        else:
+            transcript = greedy_decode(emissions, self.recognizer.vocabulary, self._frame_shift, offset)
+        self._transcript_words = transcript.words
+        return transcript
 
     def _finalize(self) -> Final | None:
         """End the current segment; returns its Final if it held any words."""
@@ -203,7 +223,7 @@ class RecognitionStream:
             self._segment += 1
         self._segment_start += self._segment_length
         self._segment_frames, self._segment_length = [], 0
-        self._trailing_blanks, self._has_speech, self._last_partial = 0, False, ""
+        self._trailing_blanks, self._has_speech, self._last_partial, self._committed = 0, False, "", []
         if self._beam is not None:
             self._beam.begin()
         return final

@@ -42,7 +42,8 @@ def test_greedy_decoding_of_the_bundled_model(greedy):
 
 
 def test_quick_start_command():
-    result = subprocess.run([sys.executable, "-m", "asr", "transcribe", str(DATA / "LJ002-0179.opus"), "-f", "srt"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "asr", "transcribe", str(DATA / "LJ002-0179.opus"), "-f", "srt"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("1\n00:00:0") and "-->" in result.stdout

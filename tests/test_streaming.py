@@ -146,3 +146,18 @@ def test_beam_search_with_a_language_model_streams(tiny_model, tmp_path):
     assert [f.text for f in finals(events)] == ["how much was it"] * 2
     assert all(w.start < w.end for f in finals(events) for w in f.words)
     assert recognizer.transcribe(audio, SAMPLE_RATE).text == "how much was it how much was it"
+
+
+def test_committed_words_of_partials_never_change(recognizer):
+    events = run(recognizer, np.concatenate([conversation()] * 2), 0.05)
+    previous: dict[int, Partial] = {}
+    checked = 0
+    for event in events:
+        if isinstance(event, Partial):
+            before = previous.get(event.segment)
+            if before is not None:
+                assert event.committed >= before.committed
+                assert event.text.split()[: before.committed] == before.text.split()[: before.committed]
+                checked += before.committed
+            previous[event.segment] = event
+    assert checked > 0
