@@ -108,6 +108,62 @@ def add_bench_stream_parser(bench_commands) -> None:
     p.set_defaults(handler=run_bench_stream, threads=1)
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import ssl
+
+    from asr.checkpoint import CheckpointError
+    from asr.lm import LanguageModelError
+
+    from .recognizer import StreamOptions
+    from .server import RecognitionServer, ServerOptions
+
+    try:
+        options = ServerOptions(
+            host=args.host,
+            port=args.port,
+            max_connections=args.max_connections,
+            max_message_bytes=args.max_message_bytes,
+            idle_timeout=args.idle_timeout,
+            max_session_seconds=args.max_session_seconds,
+            token=args.token or None,
+        )
+        context = None
+        if args.certfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(args.certfile, args.keyfile)
+        recognizer = load_recognizer(args)
+        server = RecognitionServer(recognizer, options, StreamOptions(endpoint_silence=args.endpoint_silence))
+    except (CheckpointError, LanguageModelError, ValueError, OSError, ssl.SSLError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    scheme = "wss" if context else "ws"
+    print(f"serving {scheme}://{args.host}:{args.port} (decoder: {recognizer.decoder_name}); Ctrl+C to stop", file=sys.stderr)
+    try:
+        asyncio.run(server.run(ssl=context))
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="websocket server (vosk-server protocol)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=2700)
+    p.add_argument("--max-connections", type=int, default=32)
+    p.add_argument("--max-message-bytes", type=int, default=1 << 20)
+    p.add_argument("--idle-timeout", type=float, default=30.0, help="close connections silent this many seconds")
+    p.add_argument("--max-session-seconds", type=float, default=4 * 3600.0, help="audio seconds per connection")
+    p.add_argument("--token", help="shared secret clients must send (Authorization: Bearer TOKEN or ?token=TOKEN)")
+    p.add_argument("--certfile", help="TLS certificate (PEM) for wss://")
+    p.add_argument("--keyfile", help="TLS private key (PEM)")
+    p.add_argument("--endpoint-silence", type=float, default=0.6)
+    add_model_options(p)
+    p.set_defaults(handler=run_serve)
+
+
 def register(subparsers, bench_commands) -> None:
     add_mic_parser(subparsers)
+    add_serve_parser(subparsers)
     add_bench_stream_parser(bench_commands)

@@ -1,0 +1,233 @@
+"""`asr serve`: a websocket server that speaks vosk-server's protocol.
+
+One ``RecognitionStream`` per connection; the model runs in a worker thread so that the event loop
+never blocks on inference. Limits (connections, message size, idle time, session length) and
+errors are handled per connection: a bad client never affects the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from asr.recognizer import Recognizer
+
+from .recognizer import Final, Partial, RecognitionStream, StreamOptions
+
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
+CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "hotwords"}
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_POLICY = 1008
+CLOSE_GOING_AWAY = 1001
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "0.0.0.0"
+    port: int = 2700
+    max_connections: int = 32
+    max_message_bytes: int = 1 << 20  # 1 MiB: about 32 s of 16 kHz PCM in one frame
+    idle_timeout: float = 30.0  # seconds without a message
+    max_session_seconds: float = 4 * 3600.0  # seconds of audio per connection
+    sample_rate: int = 16000  # assumed until a client's config says otherwise
+    token: str | None = None  # shared secret required in the Authorization header or ?token=
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_message_bytes < 1024 or self.idle_timeout <= 0 or self.max_session_seconds <= 0:
+            raise ValueError("limits must be positive (max_message_bytes at least 1024)")
+        if not MIN_SAMPLE_RATE <= self.sample_rate <= MAX_SAMPLE_RATE:
+            raise ValueError(f"sample_rate must be within {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+
+
+class ProtocolError(ValueError):
+    """A client message that breaks the protocol; reported to that client only."""
+
+
+def vosk_message(event: Partial | Final, words: bool) -> dict:
+    """A Vosk-compatible reply; extra keys (type, segment, ...) are ignored by Vosk clients."""
+    data = event.to_dict()
+    if isinstance(event, Final) and not words:
+        data.pop("result")
+    return data
+
+
+class Session:
+    """Protocol state of one connection."""
+
+    def __init__(self, server: RecognitionServer) -> None:
+        self.server = server
+        self.sample_rate = server.options.sample_rate
+        self.words = False
+        self.hotwords: list[str] = []
+        self.stream: RecognitionStream | None = None
+
+    def configure(self, config: object) -> None:
+        if self.stream is not None:
+            raise ProtocolError("config must come before the first audio")
+        if not isinstance(config, dict):
+            raise ProtocolError("config must be a JSON object")
+        unknown = set(config) - CONFIG_KEYS
+        if unknown:
+            raise ProtocolError(f"unknown config key(s): {sorted(unknown)}")
+        if "sample_rate" in config:
+            rate = config["sample_rate"]
+            if not isinstance(rate, int | float) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE or rate != int(rate):
+                raise ProtocolError(f"sample_rate must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, got {rate!r}")
+            self.sample_rate = int(rate)
+        self.words = bool(config.get("words", self.words))
+        phrases = config.get("phrase_list", config.get("hotwords", []))
+        if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases) or len(phrases) > 1000:
+            raise ProtocolError("phrase_list must be a list of at most 1000 strings")
+        self.hotwords = phrases
+
+    def ensure_stream(self) -> RecognitionStream:
+        if self.stream is None:
+            recognizer = self.server.recognizer
+            self.stream = RecognitionStream(
+                recognizer,
+                self.sample_rate,
+                self.server.stream_options,
+                hotwords=self.hotwords if recognizer.decoder_name == "beam" else None,
+            )
+        return self.stream
+
+
+class RecognitionServer:
+    def __init__(self, recognizer: Recognizer, options: ServerOptions | None = None, stream_options: StreamOptions | None = None) -> None:
+        self.recognizer = recognizer
+        self.options = options or ServerOptions()
+        self.stream_options = stream_options or StreamOptions()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="asr-inference")
+        self._sessions: dict[ServerConnection, Session] = {}
+        self._stopping = False
+
+    async def _infer(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path)
+        if path.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, f"ok {len(self._sessions)} active\n")
+        if self.options.token is not None:
+            supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            supplied = supplied or parse_qs(path.query).get("token", [""])[0]
+            if not hmac.compare_digest(supplied.encode(), self.options.token.encode()):
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+        return None
+
+    async def handler(self, connection: ServerConnection) -> None:
+        if self._stopping:
+            await connection.close(CLOSE_GOING_AWAY, "server is shutting down")
+            return
+        if len(self._sessions) >= self.options.max_connections:
+            await connection.close(CLOSE_TRY_AGAIN_LATER, f"server is full ({self.options.max_connections} connections)")
+            return
+        session = Session(self)
+        self._sessions[connection] = session
+        try:
+            await self._serve(connection, session)
+        except ConnectionClosed:
+            pass  # the client went away; nothing to flush to
+        finally:
+            self._sessions.pop(connection, None)
+
+    async def _send(self, connection: ServerConnection, session: Session, events) -> None:
+        for event in events:
+            await connection.send(json.dumps(vosk_message(event, session.words)))
+
+    async def _serve(self, connection: ServerConnection, session: Session) -> None:
+        while True:
+            try:
+                message = await asyncio.wait_for(connection.recv(), self.options.idle_timeout)
+            except TimeoutError:
+                await self._finish(connection, session)
+                await connection.close(CLOSE_POLICY, f"idle for {self.options.idle_timeout:g} s")
+                return
+            try:
+                if isinstance(message, bytes):
+                    await self._audio(connection, session, message)
+                    continue
+                request = json.loads(message)
+                if not isinstance(request, dict):
+                    raise ProtocolError("text messages must be JSON objects")
+                if "config" in request:
+                    session.configure(request["config"])
+                elif request.get("eof"):
+                    await self._finish(connection, session)
+                    await connection.close()
+                    return
+                elif request.get("reset"):
+                    await self._finish(connection, session, restart=True)
+                else:
+                    raise ProtocolError(f"unknown message keys {sorted(request)}; expected config, eof or reset")
+            except json.JSONDecodeError as error:
+                await connection.send(json.dumps({"type": "error", "error": f"malformed JSON: {error}"}))
+            except ProtocolError as error:
+                await connection.send(json.dumps({"type": "error", "error": str(error)}))
+            if session.stream is not None and session.stream.seconds_received > self.options.max_session_seconds:
+                await self._finish(connection, session)
+                await connection.close(CLOSE_POLICY, f"session longer than {self.options.max_session_seconds:g} s of audio")
+                return
+
+    async def _audio(self, connection: ServerConnection, session: Session, data: bytes) -> None:
+        if len(data) % 2:
+            raise ProtocolError(f"audio frames must hold 16-bit samples (an even byte count), got {len(data)} bytes")
+        stream = session.ensure_stream()
+        pcm = np.frombuffer(data, dtype="<i2")
+        await self._send(connection, session, await self._infer(stream.accept, pcm))
+
+    async def _finish(self, connection: ServerConnection, session: Session, restart: bool = False) -> None:
+        """Send the final result of the current stream (Vosk sends one even when it is empty)."""
+        events = await self._infer(session.stream.finish) if session.stream is not None else []
+        finals = [e for e in events if isinstance(e, Final)]
+        await self._send(connection, session, [e for e in events if isinstance(e, Partial)] + finals)
+        if not finals:
+            await connection.send(json.dumps({"type": "final", "text": "", **({"result": []} if session.words else {})}))
+        if restart:
+            session.stream = None
+
+    async def shutdown(self) -> None:
+        """Stop accepting, send every client its final result, then close the connections."""
+        self._stopping = True
+        for connection, session in list(self._sessions.items()):
+            try:
+                await self._finish(connection, session)
+                await connection.close(CLOSE_GOING_AWAY, "server shutting down")
+            except ConnectionClosed:
+                pass
+
+    async def run(self, ready: asyncio.Event | None = None, ssl=None) -> None:
+        """Serve until SIGINT/SIGTERM (or cancellation), then shut down gracefully."""
+        async with serve(
+            self.handler,
+            self.options.host,
+            self.options.port,
+            process_request=self.process_request,
+            max_size=self.options.max_message_bytes,
+            ssl=ssl,
+        ) as server:
+            stop = asyncio.get_running_loop().create_future()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+                except (NotImplementedError, RuntimeError):
+                    pass  # not the main thread (tests) or not supported here
+            self.port = server.sockets[0].getsockname()[1] if server.sockets else self.options.port
+            if ready is not None:
+                ready.set()
+            try:
+                await stop
+            finally:
+                await self.shutdown()
+                self._executor.shutdown(wait=False)

@@ -1,0 +1,195 @@
+"""The websocket server with Vosk-style clients (tiny model)."""
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import asr
+from streaming.server import RecognitionServer, ServerOptions
+from tests.conftest import CLIPS
+from tests.test_streaming import conversation
+
+
+@pytest.fixture(scope="module")
+def recognizer(tiny_model):
+    return asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="greedy"))
+
+
+class RunningServer:
+    def __init__(self, recognizer, **options):
+        self.server = RecognitionServer(recognizer, ServerOptions(host="127.0.0.1", port=0, **options))
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def main():
+            started = asyncio.Event()
+            self.task = asyncio.ensure_future(self.server.run(started))
+            await started.wait()
+            ready.set()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
+        self.thread.start()
+        assert ready.wait(30)
+        self.url = f"ws://127.0.0.1:{self.server.port}"
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.task.cancel)
+        self.thread.join(30)
+
+
+@pytest.fixture
+def server(recognizer):
+    running = RunningServer(recognizer, max_connections=3, idle_timeout=5.0)
+    yield running
+    running.stop()
+
+
+def pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+async def vosk_client(url: str, audio: np.ndarray, config: dict | None = None, piece_seconds: float = 0.25, **connect_args) -> list[dict]:
+    """Sends like vosk-server's example client: optional config, PCM frames, then eof; collects every reply."""
+    replies = []
+    async with connect(url, **connect_args) as ws:
+        if config is not None:
+            await ws.send(json.dumps({"config": config}))
+        step = int(piece_seconds * 16000)
+        for start in range(0, len(audio), step):
+            await ws.send(pcm16(audio[start : start + step]))
+        await ws.send('{"eof" : 1}')
+        async for message in ws:
+            replies.append(json.loads(message))
+    return replies
+
+
+def test_vosk_round_trip(server):
+    replies = asyncio.run(vosk_client(server.url, conversation(), {"sample_rate": 16000, "words": True}))
+    finals = [r for r in replies if "text" in r and r["text"]]
+    assert [r["text"] for r in finals] == list(CLIPS.values())
+    assert any("partial" in r for r in replies)
+    for final in finals:
+        assert [w["word"] for w in final["result"]] == final["text"].split()
+        assert all(set(w) >= {"word", "start", "end", "conf"} and w["start"] < w["end"] for w in final["result"])
+
+
+def test_other_sample_rate_is_resampled_on_the_server(server):
+    import soxr
+
+    audio = soxr.resample(conversation(), 16000, 48000)
+    replies = asyncio.run(vosk_client(server.url, audio, {"sample_rate": 48000}))
+    assert [r["text"] for r in replies if r.get("text")] == list(CLIPS.values())
+    assert all("result" not in r for r in replies)  # words were not requested
+
+
+def test_bad_input_is_reported_and_other_sessions_are_served(server):
+    async def scenario():
+        async with connect(server.url) as bad:
+            errors = []
+            for message in [
+                "{not json",
+                json.dumps({"config": {"sample_rate": 3}}),
+                json.dumps({"config": {"colour": "red"}}),
+                json.dumps({"hello": 1}),
+                json.dumps([1, 2]),
+                b"\x01\x02\x03",
+            ]:
+                await bad.send(message)
+                errors.append(json.loads(await bad.recv()))
+            await bad.send(b"\x00\x00" * 1600)
+            await bad.send(json.dumps({"config": {"sample_rate": 8000}}))
+            errors.append(json.loads(await bad.recv()))
+            good = await vosk_client(server.url, conversation())
+            return errors, good
+
+    errors, good = asyncio.run(scenario())
+    assert all(e["type"] == "error" for e in errors)
+    text = " ".join(e["error"] for e in errors)
+    for expected in (
+        "malformed JSON",
+        "sample_rate",
+        "unknown config key",
+        "unknown message keys",
+        "JSON objects",
+        "even byte count",
+        "before the first audio",
+    ):
+        assert expected in text
+    assert [r["text"] for r in good if r.get("text")] == list(CLIPS.values())
+
+
+def test_limits(recognizer):
+    running = RunningServer(recognizer, max_connections=1, idle_timeout=1.0, max_message_bytes=4096)
+
+    async def scenario():
+        async with connect(running.url) as first:
+            async with connect(running.url) as second:
+                with pytest.raises(ConnectionClosed):
+                    await second.recv()
+                refused = second.close_code, second.close_reason
+            await first.send(b"\x00" * 10000)  # over the message limit
+            with pytest.raises(ConnectionClosed):
+                await first.recv()
+            too_big = first.close_code
+        async with connect(running.url) as idle:
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await idle.recv()  # the final result, then the close
+            return refused, too_big, idle.close_code, idle.close_reason
+
+    try:
+        refused, too_big, idle_code, idle_reason = asyncio.run(scenario())
+    finally:
+        running.stop()
+    assert refused[0] == 1013 and "full" in refused[1]
+    assert too_big == 1009
+    assert idle_code == 1008 and "idle" in idle_reason
+
+
+def test_token_and_healthz(recognizer):
+    running = RunningServer(recognizer, token="s3cret")
+    try:
+        with urllib.request.urlopen(running.url.replace("ws://", "http://") + "/healthz") as response:
+            assert response.status == 200 and response.read().startswith(b"ok")
+        with pytest.raises(InvalidStatus) as refused:
+            asyncio.run(vosk_client(running.url, conversation()))
+        assert refused.value.response.status_code == 401
+        by_header = asyncio.run(vosk_client(running.url, conversation(), additional_headers={"Authorization": "Bearer s3cret"}))
+        by_query = asyncio.run(vosk_client(running.url + "/?token=s3cret", conversation()))
+        assert [r["text"] for r in by_header if r.get("text")] == [r["text"] for r in by_query if r.get("text")] == list(CLIPS.values())
+    finally:
+        running.stop()
+
+
+def test_shutdown_sends_final_results(recognizer):
+    running = RunningServer(recognizer)
+
+    async def scenario():
+        async with connect(running.url) as ws:
+            audio = conversation()
+            await ws.send(pcm16(audio[: len(audio) // 2 + 8000]))
+            await asyncio.sleep(0.5)
+            running.loop.call_soon_threadsafe(running.task.cancel)
+            replies = []
+            try:
+                async for message in ws:
+                    replies.append(json.loads(message))
+            except ConnectionClosed:
+                pass
+            return replies, ws.close_code
+
+    replies, code = asyncio.run(scenario())
+    running.thread.join(30)
+    assert [r["text"] for r in replies if r.get("text")][:1] == ["how much was it"]
+    assert code == 1001
