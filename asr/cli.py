@@ -94,7 +94,8 @@ def _output_path(out_dir: Path, source: str, root: Path | None, fmt: str) -> Pat
     return out_dir / relative.with_suffix(f".{fmt}")
 
 
-def run_transcribe(args: argparse.Namespace) -> int:
+def run_transcribe(args: argparse.Namespace, transcribe=None) -> int:
+    """``transcribe(source) -> Transcript`` (a path or encoded bytes) defaults to a local recogniser."""
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -111,19 +112,20 @@ def run_transcribe(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.jobs > 1 and not args.threads:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    try:
-        recognizer = load_recognizer(args)
-    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    if transcribe is None:
+        try:
+            transcribe = load_recognizer(args).transcribe
+        except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_USAGE
     stdin_bytes = sys.stdin.buffer.read() if any(src == "-" for src, _ in inputs) else None
     out_dir = Path(args.output_dir) if args.output_dir else None
 
     def work(item: tuple[str, Path | None]):
         source, _ = item
         try:
-            return recognizer.transcribe(stdin_bytes if source == "-" else source), None
-        except (AudioError, RuntimeError, ValueError, MemoryError) as error:
+            return transcribe(stdin_bytes if source == "-" else source), None
+        except (AudioError, RuntimeError, ValueError, MemoryError, OSError) as error:
             return None, str(error)
 
     failed = 0

@@ -163,7 +163,40 @@ def add_serve_parser(subparsers) -> None:
     p.set_defaults(handler=run_serve)
 
 
+def _transcript_from_finals(finals: list[dict]):
+    from asr.decoding import Transcript, Word
+
+    words = [Word(w["word"], w["start"], w["end"], w["conf"]) for f in finals for w in f.get("result", [])]
+    return Transcript(" ".join(f["text"] for f in finals), words, round(max((f.get("end", 0.0) for f in finals), default=0.0), 3))
+
+
+def extend_transcribe(subparsers) -> None:
+    """Give `asr transcribe` a --server option that sends the audio to `asr serve` instead of decoding locally."""
+    parser = subparsers.choices["transcribe"]
+    group = parser.add_argument_group("remote recognition")
+    group.add_argument("--server", help="ws:// or wss:// address of `asr serve` (or a vosk-server) to transcribe with")
+    group.add_argument("--token", help="shared secret for the server")
+    local = parser.get_default("handler")
+
+    def handler(args: argparse.Namespace) -> int:
+        if not args.server:
+            return local(args)
+        import asyncio
+
+        from .client import transcribe_with_server
+
+        phrases = [h.strip() for h in args.hotwords.split(",") if h.strip()] or None
+
+        def remote(source):
+            return _transcript_from_finals(asyncio.run(transcribe_with_server(args.server, source, args.token, phrases)))
+
+        return local(args, remote)
+
+    parser.set_defaults(handler=handler)
+
+
 def register(subparsers, bench_commands) -> None:
     add_mic_parser(subparsers)
     add_serve_parser(subparsers)
+    extend_transcribe(subparsers)
     add_bench_stream_parser(bench_commands)

@@ -193,3 +193,22 @@ def test_shutdown_sends_final_results(recognizer):
     running.thread.join(30)
     assert [r["text"] for r in replies if r.get("text")][:1] == ["how much was it"]
     assert code == 1001
+
+
+def test_transcribe_command_through_the_server(server, tmp_path):
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    path = tmp_path / "conversation.wav"
+    sf.write(path, conversation(), 16000)
+    result = subprocess.run([sys.executable, "-m", "asr", "transcribe", str(path), "--server", server.url, "-f", "json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["text"] == " ".join(CLIPS.values())
+    assert [w["text"] for w in data["words"]] == data["text"].split()
+    refused = subprocess.run([sys.executable, "-m", "asr", "transcribe", str(path), "--server", "ws://127.0.0.1:9"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "conversation.wav" in refused.stderr
