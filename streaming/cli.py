@@ -28,6 +28,8 @@ def run_mic(args: argparse.Namespace) -> int:
             return 0
         device, device_rate = resolve_device(args.input_device)
         rate = args.sample_rate or device_rate
+        if args.server:
+            return _mic_through_server(args, device, rate)
         recognizer = load_recognizer(args)
         stream = RecognitionStream(recognizer, rate, StreamOptions(endpoint_silence=args.endpoint_silence, max_segment=args.max_segment))
     except (MicrophoneError, CheckpointError, LanguageModelError, ValueError) as error:
@@ -61,6 +63,48 @@ def run_mic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mic_through_server(args: argparse.Namespace, device: int | None, rate: int) -> int:
+    """Stream the microphone to `asr serve` and show its replies with the same live display."""
+    import asyncio
+
+    from websockets.exceptions import InvalidStatus, InvalidURI
+
+    from .client import stream_blocks
+    from .mic import LiveDisplay, MicrophoneError, capture
+
+    display = LiveDisplay(sys.stdout)
+
+    def show(event: dict) -> None:
+        if args.json:
+            print(json.dumps(event), flush=True)
+        elif "error" in event:
+            print(f"server error: {event['error']}", file=sys.stderr)
+        elif "partial" in event:
+            display.partial(event["partial"])
+        elif event.get("text"):
+            display.final(event["text"], event.get("start", 0.0), event.get("end", 0.0))
+
+    def blocks():
+        received = 0.0
+        source = capture(device, rate)
+        for block in source:
+            yield block
+            received += len(block) / rate
+            if 0 < args.max_seconds <= received:
+                source.close()
+                return
+
+    print(f"streaming device {device} at {rate} Hz to {args.server} (Ctrl+C to stop)", file=sys.stderr)
+    try:
+        asyncio.run(stream_blocks(args.server, blocks(), rate, show, args.token))
+    except (MicrophoneError, OSError, InvalidStatus, InvalidURI) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def add_mic_parser(subparsers) -> None:
     p = subparsers.add_parser("mic", help="transcribe the microphone live")
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
@@ -70,6 +114,8 @@ def add_mic_parser(subparsers) -> None:
     p.add_argument("--max-segment", type=float, default=20.0, help="longest segment in seconds")
     p.add_argument("--max-seconds", type=float, default=0, help="stop after this much audio (0 = until Ctrl+C)")
     p.add_argument("--json", action="store_true", help="print events as JSON lines instead of the live display")
+    p.add_argument("--server", help="send the audio to `asr serve` at this ws:// or wss:// address instead of decoding locally")
+    p.add_argument("--token", help="shared secret for the server")
     add_model_options(p)
     p.set_defaults(handler=run_mic)
 

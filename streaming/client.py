@@ -15,8 +15,15 @@ from asr.audio import SAMPLE_RATE, iter_audio
 class RecognitionClient:
     """``async with RecognitionClient(url) as client:`` then ``send`` audio and iterate ``events()``."""
 
-    def __init__(self, url: str, sample_rate: int = SAMPLE_RATE, words: bool = True, phrase_list: list[str] | None = None,
-                 token: str | None = None, ssl=None) -> None:
+    def __init__(
+        self,
+        url: str,
+        sample_rate: int = SAMPLE_RATE,
+        words: bool = True,
+        phrase_list: list[str] | None = None,
+        token: str | None = None,
+        ssl=None,
+    ) -> None:
         self.url, self.sample_rate, self.words, self.phrase_list, self.token, self.ssl = url, sample_rate, words, phrase_list, token, ssl
         self._connection: ClientConnection | None = None
 
@@ -47,8 +54,15 @@ class RecognitionClient:
             yield json.loads(message)
 
 
-async def transcribe_with_server(url: str, path, token: str | None = None, phrase_list: list[str] | None = None,
-                                 piece_seconds: float = 0.5, ssl=None, on_event: Callable[[dict], None] | None = None) -> list[dict]:
+async def transcribe_with_server(
+    url: str,
+    path,
+    token: str | None = None,
+    phrase_list: list[str] | None = None,
+    piece_seconds: float = 0.5,
+    ssl=None,
+    on_event: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Stream a file to the server as fast as it accepts it; returns the final results (with words)."""
     finals: list[dict] = []
     async with RecognitionClient(url, SAMPLE_RATE, True, phrase_list, token, ssl) as client:
@@ -72,8 +86,9 @@ async def transcribe_with_server(url: str, path, token: str | None = None, phras
     return finals
 
 
-async def stream_blocks(url: str, blocks: Iterable[np.ndarray], sample_rate: int, on_event: Callable[[dict], None],
-                        token: str | None = None, ssl=None) -> None:
+async def stream_blocks(
+    url: str, blocks: Iterable[np.ndarray], sample_rate: int, on_event: Callable[[dict], None], token: str | None = None, ssl=None
+) -> None:
     """Send audio blocks (e.g. from a microphone) and hand every reply to ``on_event``."""
     async with RecognitionClient(url, sample_rate, True, None, token, ssl) as client:
 

@@ -72,3 +72,21 @@ def test_transcribes_the_microphone(alsa_home, tiny_model):
     # (the tiny model may hold back the last "d" of "good" until the stream ends)
     assert [t.removesuffix("d") for t in finals[:2]] == [t.removesuffix("d") for t in CLIPS.values()]
     assert any(e["type"] == "partial" for e in events)
+
+
+def test_microphone_through_the_server(alsa_home, tiny_model):
+    import asr
+    from tests.test_server import RunningServer
+
+    running = RunningServer(asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="greedy")))
+    try:
+        result = mic(
+            alsa_home, "--input-device", "testmic", "--sample-rate", "16000", "--max-seconds", "6", "--json", "--server", running.url
+        )
+    finally:
+        running.stop()
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    finals = [e["text"] for e in events if e.get("text")]
+    assert [t.removesuffix("d") for t in finals[:2]] == [t.removesuffix("d") for t in CLIPS.values()]
+    assert any("partial" in e for e in events)

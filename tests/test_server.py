@@ -203,12 +203,17 @@ def test_transcribe_command_through_the_server(server, tmp_path):
 
     path = tmp_path / "conversation.wav"
     sf.write(path, conversation(), 16000)
-    result = subprocess.run([sys.executable, "-m", "asr", "transcribe", str(path), "--server", server.url, "-f", "json"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "asr", "transcribe", str(path), "--server", server.url, "-f", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["text"] == " ".join(CLIPS.values())
     assert [w["text"] for w in data["words"]] == data["text"].split()
-    refused = subprocess.run([sys.executable, "-m", "asr", "transcribe", str(path), "--server", "ws://127.0.0.1:9"],
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "asr", "transcribe", str(path), "--server", "ws://127.0.0.1:9"], capture_output=True, text=True, timeout=120
+    )
     assert refused.returncode == 1 and "conversation.wav" in refused.stderr
