@@ -14,6 +14,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -26,6 +27,7 @@ from asr.recognizer import Recognizer
 from .recognizer import Final, Partial, RecognitionStream, StreamOptions
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
+PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # the browser client served at /
 CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "hotwords"}
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
@@ -119,6 +121,12 @@ class RecognitionServer:
         path = urlsplit(request.path)
         if path.path == "/healthz":
             return connection.respond(HTTPStatus.OK, f"ok {len(self._sessions)} active\n")
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            if path.path in ("/", "/index.html"):
+                response = connection.respond(HTTPStatus.OK, PAGE)
+                response.headers["Content-Type"] = "text/html; charset=utf-8"
+                return response
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         if self.options.token is not None:
             supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             supplied = supplied or parse_qs(path.query).get("token", [""])[0]
