@@ -33,12 +33,21 @@ class ChunkedEncoder:
         self._trailing_blanks = 0
         self.resets = 0
 
-    def accept(self, features: np.ndarray) -> torch.Tensor:
-        """features (frames, n_mels) -> log-probs of every chunk now complete with its lookahead."""
+    def push(self, features: np.ndarray) -> None:
+        """Buffer features (frames, n_mels) without running the model."""
         if len(features):
             self._pending = np.concatenate([self._pending, features])
+
+    @property
+    def ready(self) -> bool:
+        """Whether a whole chunk and its lookahead are buffered."""
+        return len(self._pending) >= self._need
+
+    def accept(self, features: np.ndarray) -> torch.Tensor:
+        """features (frames, n_mels) -> log-probs of every chunk now complete with its lookahead."""
+        self.push(features)
         outputs = []
-        while len(self._pending) >= self._need:
+        while self.ready:
             outputs.append(self._run(self._pending[: self._need], self._step // self._stack))
             self._pending = self._pending[self._step :]
         return torch.cat(outputs) if outputs else torch.zeros(0, self.model.config.vocab_size)
@@ -53,10 +62,56 @@ class ChunkedEncoder:
     def _run(self, features: np.ndarray, num_output: int | None) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(features)).unsqueeze(0).to(self.device)
         log_probs, _, self._state = self.model(x, torch.tensor([len(features)], device=self.device), self._state, num_output)
-        log_probs = log_probs[0].float().cpu()
+        return self._after_chunk(log_probs[0].float().cpu())
+
+    def _after_chunk(self, log_probs: torch.Tensor) -> torch.Tensor:
         blank = (log_probs.argmax(-1) == 0).flip(0)
         self._trailing_blanks = self._trailing_blanks + len(blank) if bool(blank.all()) else int((~blank).int().argmax())
         if self._trailing_blanks >= self._reset_frames and self._state is not None:
             self._state = None
             self.resets += 1
         return log_probs
+
+
+def _stack_states(states: list, model: CTCModel, device: torch.device) -> list:
+    """Per-stream forward states (None = zeros) -> one batched state per layer, streams along dim 1."""
+    hidden = model.config.hidden_size
+    zeros = torch.zeros(1, 1, hidden, device=device)
+    batched = []
+    for layer in range(model.config.num_layers):
+        parts = [s[layer] if s is not None else None for s in states]
+        if model.config.cell == "lstm":
+            batched.append(tuple(torch.cat([p[i] if p is not None else zeros for p in parts], dim=1) for i in range(2)))
+        else:
+            batched.append(torch.cat([p if p is not None else zeros for p in parts], dim=1))
+    return batched
+
+
+@torch.inference_mode()
+def encode_ready_chunks(encoders: list[ChunkedEncoder]) -> list[torch.Tensor]:
+    """Run every complete chunk of several streams (one model) with one model call per round, streams batched.
+
+    Returns each encoder's new log-probs (frames, vocab): the same frames ``accept`` would give it alone.
+    """
+    outputs: list[list[torch.Tensor]] = [[] for _ in encoders]
+    while True:
+        active = [i for i, e in enumerate(encoders) if e.ready]
+        if not active:
+            break
+        first = encoders[active[0]]
+        model, device = first.model, first.device
+        windows = np.stack([encoders[i]._pending[: encoders[i]._need] for i in active])
+        x = torch.from_numpy(windows).to(device)
+        state = _stack_states([encoders[i]._state for i in active], model, device)
+        lengths = torch.full((len(active),), windows.shape[1], device=device)
+        log_probs, _, new_state = model(x, lengths, state, first._step // first._stack)
+        for row, i in enumerate(active):
+            encoder = encoders[i]
+            if model.config.cell == "lstm":
+                encoder._state = [(h[:, row : row + 1], c[:, row : row + 1]) for h, c in new_state]
+            else:
+                encoder._state = [h[:, row : row + 1] for h in new_state]
+            encoder._pending = encoder._pending[encoder._step :]
+            outputs[i].append(encoder._after_chunk(log_probs[row].float().cpu()))
+    vocab = encoders[0].model.config.vocab_size if encoders else 0
+    return [torch.cat(o) if o else torch.zeros(0, vocab) for o in outputs]

@@ -112,6 +112,12 @@ class RecognitionStream:
         """audio (samples,) float32 in [-1, 1] or int16, at the stream's sample rate -> new events."""
         if self._finished:
             raise RuntimeError("stream already finished")
+        audio = self._validate(audio)
+        self._samples_in += len(audio)
+        return self._consume(self._resampler(audio.astype(np.float32, copy=False)))
+
+    @staticmethod
+    def _validate(audio: np.ndarray) -> np.ndarray:
         audio = np.asarray(audio)
         if audio.dtype == np.int16:
             audio = audio.astype(np.float32) / 32768.0
@@ -119,8 +125,7 @@ class RecognitionStream:
             raise ValueError(f"audio must be mono (samples,), got shape {audio.shape}")
         if audio.dtype.kind == "f" and not np.all(np.isfinite(audio)):
             raise ValueError("audio contains NaN or infinite samples")
-        self._samples_in += len(audio)
-        return self._consume(self._resampler(audio.astype(np.float32, copy=False)))
+        return audio
 
     def finish(self) -> list[Event]:
         """Flush buffered audio (the last chunk runs without lookahead) and finalise the last segment."""
@@ -134,6 +139,24 @@ class RecognitionStream:
 
     def _consume(self, audio: np.ndarray) -> list[Event]:
         return self._segments(self._encoder.accept(self._features.accept(audio)))
+
+    # The server batches model calls across streams: feed() buffers features, encode_ready_chunks() runs the
+    # model for all streams at once, and process() turns each stream's new frames into events.
+    def feed(self, audio: np.ndarray) -> None:
+        """Like ``accept`` without running the model: buffer the audio's features in ``encoder``."""
+        if self._finished:
+            raise RuntimeError("stream already finished")
+        audio = self._validate(audio)
+        self._samples_in += len(audio)
+        self._encoder.push(self._features.accept(self._resampler(audio.astype(np.float32, copy=False))))
+
+    @property
+    def encoder(self) -> ChunkedEncoder:
+        return self._encoder
+
+    def process(self, log_probs: torch.Tensor) -> list[Event]:
+        """Events for frames produced by ``encode_ready_chunks`` for this stream."""
+        return self._segments(log_probs)
 
     def _segments(self, log_probs: torch.Tensor) -> list[Event]:
         """Add new frames to the current segment, splitting at endpoints and at the maximum length."""

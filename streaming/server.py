@@ -1,8 +1,9 @@
 """`asr serve`: a websocket server that speaks vosk-server's protocol.
 
-One ``RecognitionStream`` per connection; the model runs in a worker thread so that the event loop
-never blocks on inference. Limits (connections, message size, idle time, session length) and
-errors are handled per connection: a bad client never affects the others.
+One ``RecognitionStream`` per connection; the model runs in one worker thread, which batches the
+chunks of all active streams into shared model calls, so the event loop never blocks on inference.
+Limits (connections, message size, idle time, session length) and errors are handled per
+connection: a bad client never affects the others.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import queue
 import signal
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -22,6 +24,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from asr.encoder import encode_ready_chunks
 from asr.recognizer import Recognizer
 
 from .recognizer import Final, Partial, RecognitionStream, StreamOptions
@@ -105,17 +108,85 @@ class Session:
         return self.stream
 
 
+class InferenceWorker:
+    """One thread that runs the model for every connection, batching the chunks that are ready across streams.
+
+    Jobs arrive from the event loop; each round takes every queued job, buffers all new audio, runs one
+    batched model call per chunk position (``encode_ready_chunks``) and resolves each job's future with
+    its stream's events.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="asr-inference", daemon=True)
+        self._thread.start()
+        self.rounds = self.batched_streams = 0
+
+    async def audio(self, stream: RecognitionStream, pcm: np.ndarray) -> list:
+        return await self._submit(("audio", stream, pcm))
+
+    async def call(self, function, *args):
+        return await self._submit(("call", function, args))
+
+    async def _submit(self, job: tuple):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((*job, loop, future))
+        return await future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            jobs = [self._jobs.get()]
+            while not self._jobs.empty():
+                jobs.append(self._jobs.get_nowait())
+            if None in jobs:
+                return
+            results: dict[int, object] = {}
+            streams: list[RecognitionStream] = []
+            for index, job in enumerate(jobs):
+                if job[0] != "audio":
+                    continue
+                stream = job[1]
+                try:
+                    stream.feed(job[2])
+                    if stream not in streams:
+                        streams.append(stream)
+                    results[index] = []
+                except (ValueError, RuntimeError) as error:
+                    results[index] = error
+            if streams:
+                frames = encode_ready_chunks([s.encoder for s in streams])
+                self.rounds += 1
+                self.batched_streams += len(streams)
+                events = {id(s): s.process(f) for s, f in zip(streams, frames)}
+                for index in reversed(range(len(jobs))):  # a stream's events go to its last job of the round
+                    job = jobs[index]
+                    if job[0] == "audio" and not isinstance(results[index], Exception) and id(job[1]) in events:
+                        results[index] = events.pop(id(job[1]))
+            for index, job in enumerate(jobs):
+                if job[0] == "call":
+                    try:
+                        results[index] = job[1](*job[2])
+                    except Exception as error:  # handed to the caller, who reports it to its client
+                        results[index] = error
+            for index, job in enumerate(jobs):
+                loop, future = job[-2], job[-1]
+                result = results[index]
+                setter = future.set_exception if isinstance(result, Exception) else future.set_result
+                loop.call_soon_threadsafe(lambda f=future, s=setter, r=result: f.done() or s(r))
+
+
 class RecognitionServer:
     def __init__(self, recognizer: Recognizer, options: ServerOptions | None = None, stream_options: StreamOptions | None = None) -> None:
         self.recognizer = recognizer
         self.options = options or ServerOptions()
         self.stream_options = stream_options or StreamOptions()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="asr-inference")
+        self.worker = InferenceWorker()
         self._sessions: dict[ServerConnection, Session] = {}
         self._stopping = False
-
-    async def _infer(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path)
@@ -192,12 +263,15 @@ class RecognitionServer:
         if len(data) % 2:
             raise ProtocolError(f"audio frames must hold 16-bit samples (an even byte count), got {len(data)} bytes")
         stream = session.ensure_stream()
-        pcm = np.frombuffer(data, dtype="<i2")
-        await self._send(connection, session, await self._infer(stream.accept, pcm))
+        try:
+            events = await self.worker.audio(stream, np.frombuffer(data, dtype="<i2"))
+        except ValueError as error:
+            raise ProtocolError(str(error)) from error
+        await self._send(connection, session, events)
 
     async def _finish(self, connection: ServerConnection, session: Session, restart: bool = False) -> None:
         """Send the final result of the current stream (Vosk sends one even when it is empty)."""
-        events = await self._infer(session.stream.finish) if session.stream is not None else []
+        events = await self.worker.call(session.stream.finish) if session.stream is not None else []
         finals = [e for e in events if isinstance(e, Final)]
         await self._send(connection, session, [e for e in events if isinstance(e, Partial)] + finals)
         if not finals:
@@ -238,4 +312,4 @@ class RecognitionServer:
                 await stop
             finally:
                 await self.shutdown()
-                self._executor.shutdown(wait=False)
+                self.worker.stop()

@@ -37,11 +37,27 @@ def test_browser_microphone_to_transcript(tmp_path, tiny_model):
     with urllib.request.urlopen(page_url) as response:
         assert b"AudioWorklet" in response.read()
     browser = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--use-fake-ui-for-media-stream",
-         "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}%noloop",
-         "--autoplay-policy=no-user-gesture-required", "--remote-debugging-port=0", page_url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}%noloop",
+            "--autoplay-policy=no-user-gesture-required",
+            "--remote-debugging-port=0",
+            page_url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30

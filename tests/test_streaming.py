@@ -161,3 +161,23 @@ def test_committed_words_of_partials_never_change(recognizer):
                 checked += before.committed
             previous[event.segment] = event
     assert checked > 0
+
+
+def test_batched_encoding_across_streams_equals_each_stream_alone(recognizer):
+    from asr.encoder import encode_ready_chunks
+
+    audios = [conversation(), conversation()[8000:], np.concatenate([silence(0.7), conversation()])]
+    alone = [finals(run(recognizer, a, 0.3)) for a in audios]
+    streams = [RecognitionStream(recognizer, SAMPLE_RATE) for _ in audios]
+    events = [[] for _ in audios]
+    step = 4800
+    for start in range(0, max(len(a) for a in audios), step):
+        for stream, audio in zip(streams, audios):
+            if start < len(audio):
+                stream.feed(audio[start : start + step])
+        for i, frames in enumerate(encode_ready_chunks([s.encoder for s in streams])):
+            events[i] += streams[i].process(frames)
+    for i, stream in enumerate(streams):
+        events[i] += stream.finish()
+    for got, expected in zip(events, alone):
+        assert [(f.text, f.start, f.end) for f in finals(got)] == [(f.text, f.start, f.end) for f in expected]
