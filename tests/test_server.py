@@ -23,14 +23,14 @@ def recognizer(tiny_model):
 
 
 class RunningServer:
-    def __init__(self, recognizer, **options):
+    def __init__(self, recognizer, ssl=None, **options):
         self.server = RecognitionServer(recognizer, ServerOptions(host="127.0.0.1", port=0, **options))
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
 
         async def main():
             started = asyncio.Event()
-            self.task = asyncio.ensure_future(self.server.run(started))
+            self.task = asyncio.ensure_future(self.server.run(started, ssl=ssl))
             await started.wait()
             ready.set()
             try:
@@ -41,7 +41,7 @@ class RunningServer:
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
         self.thread.start()
         assert ready.wait(30)
-        self.url = f"ws://127.0.0.1:{self.server.port}"
+        self.url = f"{'wss' if ssl else 'ws'}://127.0.0.1:{self.server.port}"
 
     def stop(self):
         self.loop.call_soon_threadsafe(self.task.cancel)
@@ -217,3 +217,44 @@ def test_transcribe_command_through_the_server(server, tmp_path):
         [sys.executable, "-m", "asr", "transcribe", str(path), "--server", "ws://127.0.0.1:9"], capture_output=True, text=True, timeout=120
     )
     assert refused.returncode == 1 and "conversation.wav" in refused.stderr
+
+
+def test_tls(recognizer, tmp_path):
+    import ssl
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    running = RunningServer(recognizer, ssl=server_context)
+    try:
+        assert running.url.startswith("wss://")
+        client_context = ssl.create_default_context(cafile=str(cert))
+        replies = asyncio.run(vosk_client(running.url, conversation(), ssl=client_context))
+        assert [r["text"] for r in replies if r.get("text")] == list(CLIPS.values())
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(vosk_client(running.url, conversation()))  # an untrusted certificate is refused by the client
+    finally:
+        running.stop()
