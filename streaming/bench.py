@@ -142,3 +142,122 @@ def hour_memory(recognizer: Recognizer, options: StreamOptions, minutes: int = 6
                 rss[f"rss_mb_after_{minute + 1}_min"] = round(int(handle.read().split()[1]) * resource.getpagesize() / 1e6, 1)
     stream.finish()
     return rss
+
+
+async def _paced_client(url: str, audio: np.ndarray, piece: float = PIECE_SECONDS) -> dict:
+    """Send audio at real-time pace like a microphone; record when each reply arrived (seconds from the start)."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    loop = asyncio.get_running_loop()
+    replies: list[tuple[float, dict]] = []
+    async with connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"config": {"sample_rate": SAMPLE_RATE, "words": True}}))
+        start = loop.time()
+
+        async def receive() -> None:
+            async for message in ws:
+                replies.append((loop.time() - start, json.loads(message)))
+
+        receiver = asyncio.create_task(receive())
+        step = int(piece * SAMPLE_RATE)
+        for index, offset in enumerate(range(0, len(audio), step)):
+            await asyncio.sleep(max(0.0, start + (index + 1) * piece - loop.time()))  # the audio exists only once spoken
+            await ws.send((np.clip(audio[offset : offset + step], -1, 1) * 32767).astype("<i2").tobytes())
+        await ws.send(json.dumps({"eof": 1}))
+        await receiver
+    return {"replies": replies}
+
+
+def _client_latencies(replies: list[tuple[float, dict]]) -> tuple[list[float], list[float]]:
+    word_latency, final_latency = [], []
+    partials: dict[int, list[tuple[float, list[str]]]] = {}
+    for arrival, reply in replies:
+        if "partial" in reply:
+            partials.setdefault(reply.get("segment", 0), []).append((arrival, reply["partial"].split()))
+        elif reply.get("result"):
+            words = reply["result"]
+            final_latency.append(arrival - words[-1]["end"])
+            for i, word in enumerate(words):
+                shown = next((t for t, ws in partials.get(reply.get("segment", 0), []) if len(ws) > i and ws[i] == word["word"]), arrival)
+                word_latency.append(max(0.0, shown - word["end"]))
+    return word_latency, final_latency
+
+
+def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], log=print) -> dict:
+    """Start a server in this process and, for each N in ``clients``, let N clients stream different real recordings
+    at real-time pace at once; report reply latencies and the CPU time the process used."""
+    import asyncio
+    import threading
+
+    from .server import RecognitionServer, ServerOptions
+
+    recordings = []
+    for path, _ in _manifest(manifest, max(clients)):
+        quiet = (np.random.default_rng(len(recordings)).standard_normal(int(TRAILING_PAUSE * SAMPLE_RATE)) * 1e-3).astype(np.float32)
+        recordings.append(np.concatenate([load_audio(path), quiet]))
+    server = RecognitionServer(recognizer, ServerOptions(host="127.0.0.1", port=0, max_connections=max(clients) + 1))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    task_holder = {}
+
+    async def run_server() -> None:
+        started = asyncio.Event()
+        task_holder["task"] = asyncio.ensure_future(server.run(started))
+        await started.wait()
+        ready.set()
+        try:
+            await task_holder["task"]
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run_server(),), daemon=True)
+    thread.start()
+    ready.wait(60)
+    url = f"ws://127.0.0.1:{server.port}"
+    asyncio.run(_paced_client(url, recordings[0][:SAMPLE_RATE]))  # warm-up
+    report = {
+        "manifest": f"{Path(manifest).parent.name}/{Path(manifest).stem}",
+        "decoder": recognizer.decoder_name,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": len(__import__("os").sched_getaffinity(0)),
+        "machine": platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "results": [],
+    }
+    try:
+        for n in clients:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            began = time.perf_counter()
+            rounds, streams = server.worker.rounds, server.worker.batched_streams
+
+            async def many(count: int) -> list[dict]:
+                return await asyncio.gather(*(_paced_client(url, recordings[i % len(recordings)]) for i in range(count)))
+
+            results = asyncio.run(many(n))
+            wall = time.perf_counter() - began
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+            words, finals = [], []
+            for result in results:
+                w, f = _client_latencies(result["replies"])
+                words += w
+                finals += f
+            batches = server.worker.rounds - rounds
+            row = {
+                "clients": n,
+                "partial_latency_p50": _percentile(words, 50),
+                "partial_latency_p95": _percentile(words, 95),
+                "final_latency_p50": _percentile(finals, 50),
+                "final_latency_p95": _percentile(finals, 95),
+                "cpu_cores_used": round(cpu / wall, 2),
+                "mean_streams_per_model_round": round((server.worker.batched_streams - streams) / max(1, batches), 2),
+                "finals": len(finals),
+            }
+            log(json.dumps(row))
+            report["results"].append(row)
+    finally:
+        loop.call_soon_threadsafe(task_holder["task"].cancel)
+        thread.join(30)
+    return report

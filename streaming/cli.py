@@ -241,8 +241,33 @@ def extend_transcribe(subparsers) -> None:
     parser.set_defaults(handler=handler)
 
 
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from asr.checkpoint import CheckpointError
+    from asr.lm import LanguageModelError
+
+    from .bench import serve_benchmark
+
+    try:
+        recognizer = load_recognizer(args)
+        report = serve_benchmark(recognizer, args.manifest, args.clients, log=lambda m: print(m, file=sys.stderr))
+    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_bench_serve_parser(bench_commands) -> None:
+    p = bench_commands.add_parser("serve", help="N simultaneous real-time clients on loopback: latency and CPU use")
+    p.add_argument("manifest", help="recordings to stream (one per client, evenly spaced through the manifest)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16])
+    add_model_options(p)
+    p.set_defaults(handler=run_bench_serve)
+
+
 def register(subparsers, bench_commands) -> None:
     add_mic_parser(subparsers)
     add_serve_parser(subparsers)
     extend_transcribe(subparsers)
     add_bench_stream_parser(bench_commands)
+    add_bench_serve_parser(bench_commands)
