@@ -12,9 +12,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import asr
+from asr.audio import load_audio
 from streaming.server import RecognitionServer, ServerOptions
-from tests.conftest import CLIPS
-from tests.test_streaming import conversation
+from tests.conftest import CLIPS, DATA
+from tests.test_streaming import conversation, silence
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +259,23 @@ def test_tls(recognizer, tmp_path):
             asyncio.run(vosk_client(running.url, conversation()))  # an untrusted certificate is refused by the client
     finally:
         running.stop()
+
+
+def test_phrase_list_is_per_connection(tiny_model, tmp_path):
+    from tests.test_streaming import write_unigram_lm
+
+    first = load_audio(DATA / "how_much_was_it.opus")
+    audio = np.concatenate([silence(0.3), first, silence(1.0)])
+    lm = write_unigram_lm(tmp_path, ["how", "was", "it", "mush", "lunch"])  # "much" is not a known word
+    recognizer = asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="beam", lm=str(lm)))
+    running = RunningServer(recognizer)
+
+    async def both():
+        return await asyncio.gather(vosk_client(running.url, audio, {"phrase_list": ["much"]}), vosk_client(running.url, audio, {}))
+
+    try:
+        with_phrase, without = asyncio.run(both())
+    finally:
+        running.stop()
+    assert [r["text"] for r in with_phrase if r.get("text")] == ["how much was it"]
+    assert "much" not in " ".join(r["text"] for r in without if r.get("text"))

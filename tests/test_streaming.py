@@ -125,20 +125,26 @@ def test_an_hour_of_audio_streams_in_bounded_memory(tiny_model):
     assert abs(stream.seconds_received - 60 * minutes) < 1
 
 
-def test_beam_search_with_a_language_model_streams(tiny_model, tmp_path):
+def write_unigram_lm(folder, words: list[str]):
+    """A tiny KenLM-readable language model (unigrams plus one bigram) and its lexicon."""
     import json
 
     from asr.lm import DecoderSettings, spell
 
-    words = sorted({w for text in CLIPS.values() for w in text.split()} | {"cat", "hat"})
     unigrams = "".join(f"-1.0\t{w}\t0\n" for w in words)
     arpa = (
         f"\\data\\\nngram 1={len(words) + 3}\nngram 2=1\n\n\\1-grams:\n-1.0\t<unk>\t0\n0\t<s>\t0\n-1.0\t</s>\t0\n{unigrams}\n"
         "\\2-grams:\n-0.5\t<s> how\n\n\\end\\\n"
     )
-    (tmp_path / "lm.arpa").write_text(arpa)
-    (tmp_path / "lexicon.txt").write_text("".join(f"{w}\t{spell(w)}\n" for w in words))
-    (tmp_path / "decoder.json").write_text(json.dumps({**DecoderSettings().to_dict(), "lm": "lm.arpa", "lexicon": "lexicon.txt"}))
+    (folder / "lm.arpa").write_text(arpa)
+    (folder / "lexicon.txt").write_text("".join(f"{w}\t{spell(w)}\n" for w in words))
+    (folder / "decoder.json").write_text(json.dumps({**DecoderSettings().to_dict(), "lm": "lm.arpa", "lexicon": "lexicon.txt"}))
+    return folder
+
+
+def test_beam_search_with_a_language_model_streams(tiny_model, tmp_path):
+    words = sorted({w for text in CLIPS.values() for w in text.split()} | {"cat", "hat"})
+    write_unigram_lm(tmp_path, words)
     recognizer = asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="beam", lm=str(tmp_path)))
     first = load_audio(DATA / "how_much_was_it.opus")
     audio = np.concatenate([silence(0.3), first, silence(1.2), first, silence(0.3)])
