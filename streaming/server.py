@@ -236,20 +236,8 @@ class RecognitionServer:
             try:
                 if isinstance(message, bytes):
                     await self._audio(connection, session, message)
-                    continue
-                request = json.loads(message)
-                if not isinstance(request, dict):
-                    raise ProtocolError("text messages must be JSON objects")
-                if "config" in request:
-                    session.configure(request["config"])
-                elif request.get("eof"):
-                    await self._finish(connection, session)
-                    await connection.close()
-                    return
-                elif request.get("reset"):
-                    await self._finish(connection, session, restart=True)
-                else:
-                    raise ProtocolError(f"unknown message keys {sorted(request)}; expected config, eof or reset")
+                elif await self._command(connection, session, message):
+                    return  # eof: answered and closed
             except json.JSONDecodeError as error:
                 await connection.send(json.dumps({"type": "error", "error": f"malformed JSON: {error}"}))
             except ProtocolError as error:
@@ -258,6 +246,23 @@ class RecognitionServer:
                 await self._finish(connection, session)
                 await connection.close(CLOSE_POLICY, f"session longer than {self.options.max_session_seconds:g} s of audio")
                 return
+
+    async def _command(self, connection: ServerConnection, session: Session, message: str) -> bool:
+        """Handle a text message; returns True when the connection was closed (eof)."""
+        request = json.loads(message)
+        if not isinstance(request, dict):
+            raise ProtocolError("text messages must be JSON objects")
+        if "config" in request:
+            session.configure(request["config"])
+        elif request.get("eof"):
+            await self._finish(connection, session)
+            await connection.close()
+            return True
+        elif request.get("reset"):
+            await self._finish(connection, session, restart=True)
+        else:
+            raise ProtocolError(f"unknown message keys {sorted(request)}; expected config, eof or reset")
+        return False
 
     async def _audio(self, connection: ServerConnection, session: Session, data: bytes) -> None:
         if len(data) % 2:

@@ -47,3 +47,19 @@ def test_quick_start_command():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("1\n00:00:0") and "-->" in result.stdout
+
+
+def test_vosk_round_trip_with_the_bundled_model():
+    import asyncio
+
+    from asr.audio import load_audio
+    from tests.test_server import RunningServer, vosk_client
+
+    running = RunningServer(asr.load_model())
+    try:
+        replies = asyncio.run(vosk_client(running.url, load_audio(DATA / "LJ002-0179.opus"), {"sample_rate": 16000, "words": True}))
+    finally:
+        running.stop()
+    text = " ".join(r["text"] for r in replies if r.get("text"))
+    assert jiwer.cer(REFERENCE, text) < 0.35, text
+    assert all(w["start"] < w["end"] for r in replies for w in r.get("result", []))

@@ -279,3 +279,29 @@ def test_phrase_list_is_per_connection(tiny_model, tmp_path):
         running.stop()
     assert [r["text"] for r in with_phrase if r.get("text")] == ["how much was it"]
     assert "much" not in " ".join(r["text"] for r in without if r.get("text"))
+
+
+def test_abrupt_disconnect_and_session_length_limit(recognizer):
+    running = RunningServer(recognizer, max_session_seconds=2.0)
+
+    async def scenario():
+        rude = await connect(running.url)
+        await rude.send(pcm16(conversation()[:16000]))
+        rude.transport.abort()  # gone without a closing handshake
+        long = []
+        async with connect(running.url) as ws:
+            await ws.send(pcm16(conversation()))
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    long.append(json.loads(await ws.recv()))
+            limit = ws.close_code, ws.close_reason
+        after = await vosk_client(running.url, conversation()[: int(1.9 * 16000)])  # under the limit
+        return limit, long, after
+
+    try:
+        (code, reason), long, after = asyncio.run(scenario())
+    finally:
+        running.stop()
+    assert code == 1008 and "longer than 2 s" in reason
+    assert any(r.get("type") == "final" for r in long)  # the final result came before the close
+    assert [r["text"] for r in after if r.get("text")] == ["how much was it"]
