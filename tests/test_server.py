@@ -305,3 +305,64 @@ def test_abrupt_disconnect_and_session_length_limit(recognizer):
     assert code == 1008 and "longer than 2 s" in reason
     assert any(r.get("type") == "final" for r in long)  # the final result came before the close
     assert [r["text"] for r in after if r.get("text")] == ["how much was it"]
+
+
+def test_sigterm_flushes_finals_and_exits(tiny_model):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "asr",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--model",
+            str(tiny_model),
+            "--decoder",
+            "greedy",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+                time.sleep(0.3)
+
+        async def client():
+            async with connect(f"ws://127.0.0.1:{port}") as ws:
+                audio = conversation()
+                await ws.send(pcm16(audio[: len(audio) // 2 + 8000]))
+                await asyncio.sleep(1.0)
+                process.send_signal(signal.SIGTERM)
+                replies = []
+                try:
+                    async for message in ws:
+                        replies.append(json.loads(message))
+                except ConnectionClosed:
+                    pass
+                return replies, ws.close_code
+
+        replies, code = asyncio.run(client())
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+    assert code == 1001
+    assert [r["text"] for r in replies if r.get("text")][:1] == ["how much was it"]
