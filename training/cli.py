@@ -286,6 +286,38 @@ def add_tune_parser(subparsers) -> None:
     p.set_defaults(handler=run_tune)
 
 
+def run_bench_accuracy(args: argparse.Namespace) -> int:
+    from asr.checkpoint import CheckpointError
+    from asr.lm import LanguageModelError
+
+    from .accuracy import accuracy_benchmark, write_report
+    from .manifest import ManifestError
+
+    try:
+        report = accuracy_benchmark(
+            args.manifests, args.model, args.limit, args.threads, args.systems, args.lm, log=lambda m: print(m, file=sys.stderr)
+        )
+    except (CheckpointError, LanguageModelError, ManifestError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    paths = write_report(report, args.output_dir)
+    print(paths[0].read_text())
+    print(f"written: {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def add_bench_accuracy_parser(bench_commands) -> None:
+    p = bench_commands.add_parser("accuracy", help="WER, CER and RTF of our model and of installed peer recognisers")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p.add_argument("-m", "--model", help="model file (default: the bundled model)")
+    p.add_argument("--lm", help="language-model folder for the beam+LM rows (default: the bundled LM with the bundled model)")
+    p.add_argument("--limit", type=int, default=0, help="evenly spaced utterances per manifest (0 = all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--systems", nargs="*", help="only systems whose name contains one of these (e.g. ours pocketsphinx)")
+    p.add_argument("-o", "--output-dir", default="bench-accuracy", help="where accuracy.md/.json/.png are written")
+    p.set_defaults(handler=run_bench_accuracy)
+
+
 def register(subparsers, bench_commands) -> None:
     add_train_parser(subparsers)
     add_lm_parser(subparsers)
@@ -293,6 +325,7 @@ def register(subparsers, bench_commands) -> None:
     add_eval_parser(subparsers)
     add_manifest_parser(subparsers)
     add_bench_train_parser(bench_commands)
+    add_bench_accuracy_parser(bench_commands)
 
 
 if __name__ == "__main__":  # python -m training.cli ... is the same as asr ...
