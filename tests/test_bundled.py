@@ -32,13 +32,13 @@ def test_default_recognizer_uses_beam_search_with_the_bundled_lm():
     recognizer = asr.load_model()
     assert recognizer.decoder_name == "beam" and recognizer.language_model is not None
     result = recognizer.transcribe(DATA / "LJ002-0179.opus")
-    assert jiwer.cer(REFERENCE, result.text) < 0.35, result.text
+    assert jiwer.cer(REFERENCE, result.text) < 0.45, result.text  # measured 0.32 at release
     assert all(0 <= w.start < w.end <= result.duration + 0.05 for w in result.words)
 
 
 def test_greedy_decoding_of_the_bundled_model(greedy):
     result = greedy.transcribe(DATA / "LJ002-0179.opus")
-    assert jiwer.cer(REFERENCE, result.text) < 0.45, result.text
+    assert jiwer.cer(REFERENCE, result.text) < 0.4, result.text  # measured 0.24 at release
 
 
 def test_quick_start_command():
@@ -61,5 +61,5 @@ def test_vosk_round_trip_with_the_bundled_model():
     finally:
         running.stop()
     text = " ".join(r["text"] for r in replies if r.get("text"))
-    assert jiwer.cer(REFERENCE, text) < 0.35, text
+    assert jiwer.cer(REFERENCE, text) < 0.45, text
     assert all(w["start"] < w["end"] for r in replies for w in r.get("result", []))
