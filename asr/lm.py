@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +247,3 @@ class BeamSearchDecoder:
                 char_steps.append(min(max(int(step) - 1, 0), emissions.shape[0] - 1))
         flush()
         return Transcript(" ".join(w.text for w in words), words, 0.0)
-
-    def with_settings(self, **changes) -> DecoderSettings:
-        return replace(self.settings, **changes)

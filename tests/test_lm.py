@@ -137,3 +137,25 @@ def test_lexicon_free_mode_through_the_recognizer_options(tiny_model):
     recognizer = asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="beam", lm="none"))
     assert recognizer.language_model is None and recognizer.decoder_name == "beam"
     assert recognizer.transcribe(DATA / "how_much_was_it.opus").text == CLIPS["how_much_was_it.opus"]
+
+
+def test_tune_decoder_grid_searches_and_stores_the_best(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import CLIPS, write_manifest
+    from tests.test_streaming import write_unigram_lm
+
+    words = sorted({w for text in CLIPS.values() for w in text.split()})
+    (tmp_path / "lm").mkdir()
+    lm_dir = write_unigram_lm(tmp_path / "lm", words)
+    manifest = write_manifest(tmp_path / "dev.jsonl", CLIPS)
+    result = subprocess.run([sys.executable, "-m", "asr", "tune-decoder", str(manifest), "--model", str(tiny_model), "--lm", str(lm_dir),
+                             "--lm-weights", "0.0", "0.7", "--word-scores", "-30", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["results"]) == 4
+    best = min(report["results"], key=lambda r: (r["wer"], r["cer"]))
+    assert best["wer"] < max(r["wer"] for r in report["results"])  # a word score of -30 deletes words: the grid matters
+    stored = json.loads((lm_dir / "decoder.json").read_text())
+    assert (stored["lm_weight"], stored["word_score"]) == (report["best"]["lm_weight"], report["best"]["word_score"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
+from asr.audio import iter_audio
 from asr.lm import BeamSearchDecoder, DecoderSettings, LanguageModel
 from asr.recognizer import Recognizer
 
@@ -27,7 +28,7 @@ def tune_decoder(
     for manifest in manifests:
         utterances = read_manifest(manifest)
         for utt in utterances[:limit] if limit else utterances:
-            emissions.append(recognizer.log_probs(recognizer_blocks(utt.audio)))
+            emissions.append(recognizer.log_probs(iter_audio(utt.audio)))
             refs.append(utt.text)
     base = lm.settings if beam_size is None else replace(lm.settings, beam_size=beam_size)
     results = []
@@ -40,9 +41,3 @@ def tune_decoder(
         log(f"lm_weight {weight:5.2f} word_score {score:5.2f}: WER {100 * rates['wer']:6.2f}% CER {100 * rates['cer']:6.2f}%")
     best = min(results, key=lambda r: (r["wer"], r["cer"]))
     return replace(base, lm_weight=best["lm_weight"], word_score=best["word_score"]), results
-
-
-def recognizer_blocks(path):
-    from asr.audio import iter_audio
-
-    return iter_audio(path)
