@@ -56,6 +56,17 @@ def server(recognizer):
     running.stop()
 
 
+async def drain(ws) -> tuple[list[dict], int]:
+    """Every reply until the server closes the connection, and its close code."""
+    replies = []
+    try:
+        async for message in ws:
+            replies.append(json.loads(message))
+    except ConnectionClosed:
+        pass
+    return replies, ws.close_code
+
+
 def pcm16(audio: np.ndarray) -> bytes:
     return (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
 
@@ -182,13 +193,7 @@ def test_shutdown_sends_final_results(recognizer):
             await ws.send(pcm16(audio[: len(audio) // 2 + 8000]))
             await asyncio.sleep(0.5)
             running.loop.call_soon_threadsafe(running.task.cancel)
-            replies = []
-            try:
-                async for message in ws:
-                    replies.append(json.loads(message))
-            except ConnectionClosed:
-                pass
-            return replies, ws.close_code
+            return await drain(ws)
 
     replies, code = asyncio.run(scenario())
     running.thread.join(30)
@@ -352,13 +357,7 @@ def test_sigterm_flushes_finals_and_exits(tiny_model):
                 await ws.send(pcm16(audio[: len(audio) // 2 + 8000]))
                 await asyncio.sleep(1.0)
                 process.send_signal(signal.SIGTERM)
-                replies = []
-                try:
-                    async for message in ws:
-                        replies.append(json.loads(message))
-                except ConnectionClosed:
-                    pass
-                return replies, ws.close_code
+                return await drain(ws)
 
         replies, code = asyncio.run(client())
         assert process.wait(30) == 0
