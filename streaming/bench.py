@@ -14,7 +14,7 @@ import torch
 from asr.audio import SAMPLE_RATE, load_audio
 from asr.recognizer import Recognizer
 
-from .recognizer import Final, Partial, RecognitionStream, StreamOptions
+from .recognizer import Final, RecognitionStream, StreamOptions
 
 PIECE_SECONDS = 0.1  # how much audio a client sends at a time (like a microphone callback)
 TRAILING_PAUSE = 1.5  # seconds of quiet appended after each utterance, so the endpoint fires as in real use
@@ -55,21 +55,6 @@ def stream_utterance(recognizer: Recognizer, audio: np.ndarray, options: StreamO
     return {"timeline": timeline, "compute": compute}
 
 
-def latencies(timeline: list[tuple[float, object]]) -> tuple[list[float], list[float]]:
-    """(word end -> first partial or final showing it, last word end -> final) in seconds."""
-    word_latency, final_latency = [], []
-    partials: dict[int, list[tuple[float, list[str]]]] = {}
-    for clock, event in timeline:
-        if isinstance(event, Partial):
-            partials.setdefault(event.segment, []).append((clock, event.text.split()))
-        elif isinstance(event, Final) and event.words:
-            final_latency.append(clock - event.words[-1].end)
-            for i, word in enumerate(event.words):
-                shown = next((t for t, words in partials.get(event.segment, []) if len(words) > i and words[i] == word.text), clock)
-                word_latency.append(max(0.0, shown - word.end))
-    return word_latency, final_latency
-
-
 def stream_benchmark(
     recognizer: Recognizer, manifests: list[str], limit: int, options: StreamOptions, memory_minutes: int = 60, log=print
 ) -> dict:
@@ -99,7 +84,7 @@ def stream_benchmark(
             run = stream_utterance(recognizer, audio, options)
             compute += run["compute"]
             audio_seconds += len(audio) / SAMPLE_RATE
-            words, finals = latencies(run["timeline"])
+            words, finals = latencies([(clock, event.to_dict()) for clock, event in run["timeline"]])
             word_latency += words
             final_latency += finals
             streamed.append(" ".join(e.text for _, e in run["timeline"] if isinstance(e, Final)) or "<empty>")
@@ -170,7 +155,8 @@ async def _paced_client(url: str, audio: np.ndarray, piece: float = PIECE_SECOND
     return {"replies": replies}
 
 
-def _client_latencies(replies: list[tuple[float, dict]]) -> tuple[list[float], list[float]]:
+def latencies(replies: list[tuple[float, dict]]) -> tuple[list[float], list[float]]:
+    """From (arrival time, protocol reply) pairs: (word end -> first partial or final showing it, last word end -> final)."""
     word_latency, final_latency = [], []
     partials: dict[int, list[tuple[float, list[str]]]] = {}
     for arrival, reply in replies:
@@ -241,7 +227,7 @@ def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], l
             cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
             words, finals = [], []
             for result in results:
-                w, f = _client_latencies(result["replies"])
+                w, f = latencies(result["replies"])
                 words += w
                 finals += f
             batches = server.worker.rounds - rounds

@@ -150,8 +150,28 @@ def test_tune_decoder_grid_searches_and_stores_the_best(tiny_model, tmp_path):
     (tmp_path / "lm").mkdir()
     lm_dir = write_unigram_lm(tmp_path / "lm", words)
     manifest = write_manifest(tmp_path / "dev.jsonl", CLIPS)
-    result = subprocess.run([sys.executable, "-m", "asr", "tune-decoder", str(manifest), "--model", str(tiny_model), "--lm", str(lm_dir),
-                             "--lm-weights", "0.0", "0.7", "--word-scores", "-30", "1"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asr",
+            "tune-decoder",
+            str(manifest),
+            "--model",
+            str(tiny_model),
+            "--lm",
+            str(lm_dir),
+            "--lm-weights",
+            "0.0",
+            "0.7",
+            "--word-scores",
+            "-30",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["results"]) == 4
