@@ -1,16 +1,22 @@
 """Chunk-by-chunk encoding of a feature stream, shared by offline and streaming recognition.
 
-The forward LSTM state is carried from chunk to chunk and reset after a pause (a run of CTC
-blanks), as every training utterance started from a zero state: a state carried through minutes
-of audio drifts where the model was never trained. Offline and streaming recognition both run
-this same loop, so they give identical output for the same audio.
+The forward LSTM state is carried from chunk to chunk and restarts from zero where the audio pauses,
+as every training utterance started from a zero state: a state carried through minutes of audio
+drifts where the model was never trained. Two rules find pauses. An energy pause (``PauseDetector``)
+ends a segment: the frames up to it run at once as the end of an utterance, with no lookahead to wait
+for, and the segment's end is reported in ``segment_ends`` so that streaming can finalise without
+delay. A run of CTC blanks (for audio too noisy for the energy rule) only restarts the state.
+Offline and streaming recognition both run this same loop, so they give identical output for the same audio.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import torch
 
+from .endpoint import PAUSE_SECONDS, PauseDetector
 from .model import CTCModel
 
 STATE_RESET_SILENCE = 0.6  # seconds of blank output after which the forward state restarts from zero
@@ -19,7 +25,15 @@ STATE_RESET_SILENCE = 0.6  # seconds of blank output after which the forward sta
 class ChunkedEncoder:
     """Normalised log-mel frames in (any number at a time) -> log-probabilities (frames, vocab) out."""
 
-    def __init__(self, model: CTCModel, device: torch.device, frame_shift: float, reset_silence: float = STATE_RESET_SILENCE) -> None:
+    def __init__(
+        self,
+        model: CTCModel,
+        device: torch.device,
+        frame_shift: float,
+        reset_silence: float = STATE_RESET_SILENCE,
+        pause_seconds: float | None = PAUSE_SECONDS,
+    ) -> None:
+        """``frame_shift``: seconds per model frame; ``pause_seconds``: energy pause that ends a segment (None: never)."""
         config = model.config
         if config.chunk_frames <= 0:
             raise ValueError("this model runs over whole utterances (chunk_frames=0) and cannot be run chunk by chunk")
@@ -31,32 +45,80 @@ class ChunkedEncoder:
         self._pending = np.zeros((0, config.n_mels), dtype=np.float32)
         self._state = None
         self._trailing_blanks = 0
+        feature_seconds = frame_shift / self._stack
+        self._pauses = PauseDetector(feature_seconds, pause_seconds) if pause_seconds else None
+        self._cuts: deque[int] = deque()  # positions in _pending where a segment ends (multiples of the stack)
+        self.frames_out = 0  # model frames returned so far
+        self.segment_ends: deque[int] = deque()  # model-frame positions (from the start) where segments ended; consumers pop them
         self.resets = 0
 
     def push(self, features: np.ndarray) -> None:
         """Buffer features (frames, n_mels) without running the model."""
-        if len(features):
-            self._pending = np.concatenate([self._pending, features])
+        if not len(features):
+            return
+        if self._pauses is not None:
+            for end in self._pauses(features):
+                position = len(self._pending) + end
+                self._cuts.append(position - position % self._stack)
+        self._pending = np.concatenate([self._pending, features])
+
+    def _next_window(self) -> tuple[int, int | None] | None:
+        """(frames of _pending to run, outputs to keep) for the next model call; outputs None = all, and the segment ends."""
+        if self._cuts and self._cuts[0] < self._need:
+            return self._cuts[0], None
+        if len(self._pending) >= self._need:
+            return self._need, self._step // self._stack
+        return None
 
     @property
     def ready(self) -> bool:
-        """Whether a whole chunk and its lookahead are buffered."""
-        return len(self._pending) >= self._need
+        """Whether a whole chunk and its lookahead, or the end of a segment, are buffered."""
+        return self._next_window() is not None
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the next model call is an ordinary chunk with its full lookahead."""
+        window = self._next_window()
+        return window is not None and window[1] is not None
 
     def accept(self, features: np.ndarray) -> torch.Tensor:
         """features (frames, n_mels) -> log-probs of every chunk now complete with its lookahead."""
         self.push(features)
         outputs = []
-        while self.ready:
-            outputs.append(self._run(self._pending[: self._need], self._step // self._stack))
-            self._pending = self._pending[self._step :]
+        while (window := self._next_window()) is not None:
+            outputs.append(self._advance(*window))
         return torch.cat(outputs) if outputs else torch.zeros(0, self.model.config.vocab_size)
 
     def flush(self) -> torch.Tensor:
         """Encode what is left (the last chunk has no lookahead)."""
-        out = self._run(self._pending, None) if len(self._pending) >= self._stack else torch.zeros(0, self.model.config.vocab_size)
+        outputs = [self.accept(np.zeros((0, self.model.config.n_mels), np.float32))]
+        if len(self._pending) >= self._stack:
+            outputs.append(self._run(self._pending, None))
         self._pending = self._pending[:0]
+        self._cuts.clear()
+        return torch.cat(outputs)
+
+    def _advance(self, frames: int, num_output: int | None) -> torch.Tensor:
+        """Run one window of _pending: a chunk (consumes a step) or the rest of a segment (consumes it, restarts the state)."""
+        if num_output is not None:
+            out = self._run(self._pending[:frames], num_output)
+            self._consume(self._step)
+            return out
+        out = self._run(self._pending[:frames], None) if frames else torch.zeros(0, self.model.config.vocab_size)
+        self._consume(frames)
+        self._cuts.popleft()
+        self._end_segment()
         return out
+
+    def _consume(self, frames: int) -> None:
+        self._pending = self._pending[frames:]
+        self._cuts = deque(c - frames for c in self._cuts)
+
+    def _end_segment(self) -> None:
+        self._state = None
+        self._trailing_blanks = 0
+        self.segment_ends.append(self.frames_out)
+        self.resets += 1
 
     @torch.inference_mode()
     def _run(self, features: np.ndarray, num_output: int | None) -> torch.Tensor:
@@ -65,6 +127,7 @@ class ChunkedEncoder:
         return self._after_chunk(log_probs[0].float().cpu())
 
     def _after_chunk(self, log_probs: torch.Tensor) -> torch.Tensor:
+        self.frames_out += len(log_probs)
         blank = (log_probs.argmax(-1) == 0).flip(0)
         self._trailing_blanks = self._trailing_blanks + len(blank) if bool(blank.all()) else int((~blank).int().argmax())
         if self._trailing_blanks >= self._reset_frames and self._state is not None:
@@ -95,7 +158,10 @@ def encode_ready_chunks(encoders: list[ChunkedEncoder]) -> list[torch.Tensor]:
     """
     outputs: list[list[torch.Tensor]] = [[] for _ in encoders]
     while True:
-        active = [i for i, e in enumerate(encoders) if e.ready]
+        for i, encoder in enumerate(encoders):  # segment ends (shorter windows, one per pause) run alone
+            while encoder.ready and not encoder.batchable:
+                outputs[i].append(encoder._advance(*encoder._next_window()))
+        active = [i for i, e in enumerate(encoders) if e.batchable]
         if not active:
             break
         first = encoders[active[0]]
@@ -111,7 +177,7 @@ def encode_ready_chunks(encoders: list[ChunkedEncoder]) -> list[torch.Tensor]:
                 encoder._state = [(h[:, row : row + 1], c[:, row : row + 1]) for h, c in new_state]
             else:
                 encoder._state = [h[:, row : row + 1] for h in new_state]
-            encoder._pending = encoder._pending[encoder._step :]
+            encoder._consume(encoder._step)
             outputs[i].append(encoder._after_chunk(log_probs[row].float().cpu()))
     vocab = encoders[0].model.config.vocab_size if encoders else 0
     return [torch.cat(o) if o else torch.zeros(0, vocab) for o in outputs]

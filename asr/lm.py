@@ -7,10 +7,10 @@ needs a torch build it matches, and the greedy decoder works without it.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from .text import Vocabulary, normalize_text
 CONFIG_FILE = "decoder.json"
 LEXICON_FILE = "lexicon.txt"
 BLANK_SYMBOL, WORD_BOUNDARY = "-", "|"  # how torchaudio's decoder names our blank and space tokens
+UNK_WORD = "<unk>"
 KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"
 HOTWORD_BONUS = 8.0  # added to the LM score of each hotword, in natural-log units before lm_weight
 
@@ -103,14 +104,15 @@ class LanguageModel:
 
 
 def _torchaudio_decoder():
+    """torchaudio's flashlight decoder module and its LM base class (imported lazily, with a clear error)."""
     try:
-        from torchaudio.models.decoder import CTCDecoderLM, ctc_decoder
+        from torchaudio.models.decoder import CTCDecoderLM, _ctc_decoder
     except (ImportError, OSError, RuntimeError) as error:
         raise LanguageModelError(
             f"beam-search decoding needs torchaudio with flashlight-text ({error}); "
             "install a torchaudio that matches your torch and `pip install flashlight-text`, or use --decoder greedy"
         ) from error
-    return ctc_decoder, CTCDecoderLM
+    return _ctc_decoder, CTCDecoderLM
 
 
 def _hotword_lm(base_lm, word_ids: set[int], bonus: float):
@@ -149,49 +151,57 @@ class BeamSearchDecoder:
         settings: DecoderSettings | None = None,
         hotwords: list[str] | tuple[str, ...] = (),
     ) -> None:
-        ctc_decoder, _ = _torchaudio_decoder()
+        flashlight, _ = _torchaudio_decoder()
         self.vocabulary = vocabulary
         self.settings = settings or (lm.settings if lm else DecoderSettings())
         tokens = [BLANK_SYMBOL if t == vocabulary.tokens[0] else WORD_BOUNDARY if t == " " else t for t in vocabulary.tokens]
         self.hotwords = sorted({w for phrase in hotwords for w in normalize_text(phrase).split()})
         s = self.settings
+        tokens_dict = flashlight._Dictionary(tokens)
+        silence, blank = tokens_dict.get_index(WORD_BOUNDARY), tokens_dict.get_index(BLANK_SYMBOL)
         common = dict(
-            tokens=tokens,
-            nbest=1,
             beam_size=s.beam_size,
             beam_size_token=min(s.beam_size_token, len(tokens)),
             beam_threshold=s.beam_threshold,
-            blank_token=BLANK_SYMBOL,
-            sil_token=WORD_BOUNDARY,
+            lm_weight=s.lm_weight,
+            sil_score=0.0,
+            log_add=False,
+            criterion_type=flashlight._CriterionType.CTC,
         )
-        self._tmp = None
-        try:
-            if lm is None:
-                self._decoder = ctc_decoder(lexicon=None, lm=None, **common)
-                return
-            lexicon = str(lm.lexicon_file)
-            if self.hotwords:
-                known = {line.split("\t", 1)[0] for line in lm.lexicon_file.read_text(encoding="utf-8").splitlines()}
-                extra = [w for w in self.hotwords if w not in known]
-                if extra:
-                    self._tmp = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8")
-                    self._tmp.write(lm.lexicon_file.read_text(encoding="utf-8") + "".join(f"{w}\t{spell(w)}\n" for w in extra))
-                    self._tmp.close()
-                    lexicon = self._tmp.name
-            options = dict(lexicon=lexicon, lm_weight=s.lm_weight, word_score=s.word_score, unk_score=s.unk_score, **common)
-            self._decoder = ctc_decoder(lm=str(lm.model_file), **options)
-            if self.hotwords:
-                from torchaudio.models.decoder import _ctc_decoder
+        # What torchaudio's ctc_decoder() builds, kept apart so that fork() can start another search over the
+        # same lexicon trie and LM without rebuilding them (seconds for a 60k-word lexicon).
+        if lm is None:
+            options = flashlight._LexiconFreeDecoderOptions(**common)
+            word_dict = flashlight._get_word_dict(None, None, None, tokens_dict, UNK_WORD)
+            language_model = flashlight._ZeroLM()
+            self._new_search = lambda: flashlight._LexiconFreeDecoder(options, language_model, silence, blank, [])
+        else:
+            try:
+                lexicon = flashlight._load_words(str(lm.lexicon_file))
+                for word in self.hotwords:
+                    lexicon.setdefault(word, [spell(word).split()])
+                options = flashlight._LexiconDecoderOptions(word_score=s.word_score, unk_score=s.unk_score, **common)
+                word_dict = flashlight._get_word_dict(lexicon, str(lm.model_file), None, tokens_dict, UNK_WORD)
+                language_model = flashlight._KenLM(str(lm.model_file), word_dict)
+                if self.hotwords:
+                    ids = {word_dict.get_index(w) for w in self.hotwords}
+                    language_model = _hotword_lm(language_model, ids, s.hotword_bonus)
+                trie = flashlight._construct_trie(tokens_dict, word_dict, lexicon, language_model, silence)
+            except (RuntimeError, ValueError, OSError) as error:  # flashlight raises RuntimeError for unreadable files
+                raise LanguageModelError(f"cannot load language model {lm.folder}: {error}") from error
+            unknown = word_dict.get_index(UNK_WORD)
+            self._new_search = lambda: flashlight._LexiconDecoder(options, trie, language_model, silence, blank, unknown, [], False)
+        decoder = object.__new__(flashlight.CTCDecoder)  # torchaudio's wrapper: turns search results into hypotheses
+        decoder.nbest, decoder.word_dict, decoder.tokens_dict, decoder.blank, decoder.lm = 1, word_dict, tokens_dict, blank, language_model
+        decoder.decoder = self._new_search()
+        self._decoder = decoder
 
-                word_dict = self._decoder.word_dict
-                ids = {word_dict.get_index(w) for w in self.hotwords}
-                base = _ctc_decoder._KenLM(str(lm.model_file), word_dict)
-                self._decoder = ctc_decoder(lm=_hotword_lm(base, ids, s.hotword_bonus), **options)
-        except (RuntimeError, ValueError) as error:  # flashlight raises RuntimeError for unreadable files
-            raise LanguageModelError(f"cannot load language model {lm.folder if lm else ''}: {error}") from error
-        finally:
-            if self._tmp is not None:
-                os.unlink(self._tmp.name)
+    def fork(self) -> BeamSearchDecoder:
+        """A decoder with its own search state over this one's lexicon and LM: one per concurrent stream (cheap)."""
+        clone = copy.copy(self)
+        clone._decoder = copy.copy(self._decoder)
+        clone._decoder.decoder = self._new_search()
+        return clone
 
     def decode(self, log_probs: torch.Tensor, frame_shift: float, offset: float = 0.0) -> Transcript:
         """Best hypothesis for one utterance; word times come from the decoder's token timesteps."""

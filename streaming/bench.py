@@ -84,7 +84,8 @@ def stream_benchmark(
             run = stream_utterance(recognizer, audio, options)
             compute += run["compute"]
             audio_seconds += len(audio) / SAMPLE_RATE
-            words, finals = latencies([(clock, event.to_dict()) for clock, event in run["timeline"]])
+            ends = reference_speech_ends(recognizer, audio, text)
+            words, finals = latencies([(clock, event.to_dict()) for clock, event in run["timeline"]], ends)
             word_latency += words
             final_latency += finals
             streamed.append(" ".join(e.text for _, e in run["timeline"] if isinstance(e, Final)) or "<empty>")
@@ -155,8 +156,36 @@ async def _paced_client(url: str, audio: np.ndarray, piece: float = PIECE_SECOND
     return {"replies": replies}
 
 
-def latencies(replies: list[tuple[float, dict]]) -> tuple[list[float], list[float]]:
-    """From (arrival time, protocol reply) pairs: (word end -> first partial or final showing it, last word end -> final)."""
+def reference_speech_ends(recognizer: Recognizer, audio: np.ndarray, text: str) -> list[float]:
+    """Where each spoken character of the reference transcript ends (seconds from the start of ``audio``).
+
+    From CTC forced alignment of ``text`` with the model's offline output: the benchmark's "end of speech"
+    for a final is the last of these inside its segment, whichever words the model did or did not recognise.
+    """
+    from torchaudio.functional import forced_align
+
+    log_probs = recognizer.log_probs([audio])
+    targets = recognizer.vocabulary.encode(text)
+    if not targets:
+        return []
+    try:
+        path = forced_align(log_probs.unsqueeze(0), torch.tensor([targets], dtype=torch.int32), blank=0)[0][0].tolist()
+    except RuntimeError:  # more characters than frames: no alignment
+        return []
+    space = recognizer.vocabulary.space_id
+    return [
+        round((t + 1) * recognizer.frame_shift, 3)
+        for t, token in enumerate(path)
+        if token not in (0, space) and (t + 1 == len(path) or path[t + 1] != token)
+    ]
+
+
+def latencies(replies: list[tuple[float, dict]], speech_ends: list[float] | None = None) -> tuple[list[float], list[float]]:
+    """From (arrival time, protocol reply) pairs: (word end -> first partial or final showing it, end of speech -> final).
+
+    The end of speech of a final is the last of ``speech_ends`` inside its segment (see ``reference_speech_ends``);
+    without them, the end of its last recognised word.
+    """
     word_latency, final_latency = [], []
     partials: dict[int, list[tuple[float, list[str]]]] = {}
     for arrival, reply in replies:
@@ -164,7 +193,12 @@ def latencies(replies: list[tuple[float, dict]]) -> tuple[list[float], list[floa
             partials.setdefault(reply.get("segment", 0), []).append((arrival, reply["partial"].split()))
         elif reply.get("result"):
             words = reply["result"]
-            final_latency.append(arrival - words[-1]["end"])
+            if speech_ends is None:
+                final_latency.append(arrival - words[-1]["end"])
+            else:
+                inside = [t for t in speech_ends if reply["start"] <= t <= reply["end"]]
+                if inside:
+                    final_latency.append(arrival - inside[-1])
             for i, word in enumerate(words):
                 shown = next((t for t, ws in partials.get(reply.get("segment", 0), []) if len(ws) > i and ws[i] == word["word"]), arrival)
                 word_latency.append(max(0.0, shown - word["end"]))
@@ -179,10 +213,11 @@ def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], l
 
     from .server import RecognitionServer, ServerOptions
 
-    recordings = []
-    for path, _ in _manifest(manifest, max(clients)):
+    recordings, speech_ends = [], []
+    for path, text in _manifest(manifest, max(clients)):
         quiet = (np.random.default_rng(len(recordings)).standard_normal(int(TRAILING_PAUSE * SAMPLE_RATE)) * 1e-3).astype(np.float32)
         recordings.append(np.concatenate([load_audio(path), quiet]))
+        speech_ends.append(reference_speech_ends(recognizer, recordings[-1], text))
     server = RecognitionServer(recognizer, ServerOptions(host="127.0.0.1", port=0, max_connections=max(clients) + 1))
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -226,8 +261,8 @@ def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], l
             after = resource.getrusage(resource.RUSAGE_SELF)
             cpu = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
             words, finals = [], []
-            for result in results:
-                w, f = latencies(result["replies"])
+            for i, result in enumerate(results):
+                w, f = latencies(result["replies"], speech_ends[i % len(recordings)])
                 words += w
                 finals += f
             batches = server.worker.rounds - rounds

@@ -3,7 +3,8 @@
 Audio pieces of any size go in; partial hypotheses and final segments come out. The model runs one
 chunk at a time as soon as the chunk and its lookahead have arrived, carrying the forward LSTM state,
 so its output is frame for frame the output of offline (chunked) recognition of the same audio.
-Segments end after a run of non-speech (CTC blank) frames or at a maximum length.
+Segments end at a pause in the audio's energy (``asr.endpoint``; the encoder runs the segment's last frames
+at once), after a run of non-speech (CTC blank) frames, or at a maximum length.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from asr.recognizer import Recognizer
 
 @dataclass(frozen=True)
 class StreamOptions:
-    endpoint_silence: float = 0.6  # seconds of non-speech after speech that end a segment
+    endpoint_silence: float = 0.6  # seconds of quiet audio after speech that end a segment
+    blank_endpoint: float = 1.2  # seconds of blank model output after words that end a segment (audio too noisy to pause)
     max_segment: float = 20.0  # seconds; a longer segment is finalised anyway
     partials: bool = True  # emit a partial after each chunk when the text changed
 
     def __post_init__(self) -> None:
-        if self.endpoint_silence <= 0:
-            raise ValueError("endpoint_silence must be positive")
-        if self.max_segment <= self.endpoint_silence:
-            raise ValueError("max_segment must be longer than endpoint_silence")
+        if self.endpoint_silence <= 0 or self.blank_endpoint <= 0:
+            raise ValueError("endpoint_silence and blank_endpoint must be positive")
+        if self.max_segment <= max(self.endpoint_silence, self.blank_endpoint):
+            raise ValueError("max_segment must be longer than endpoint_silence and blank_endpoint")
 
 
 @dataclass
@@ -80,12 +82,13 @@ class RecognitionStream:
         self.sample_rate = sample_rate
         self._resampler = StreamResampler(sample_rate)
         self._features = StreamingFeatures(recognizer.extractor)
-        self._encoder = ChunkedEncoder(recognizer.model, recognizer.device, recognizer.frame_shift)
+        self._encoder = ChunkedEncoder(recognizer.model, recognizer.device, recognizer.frame_shift, pause_seconds=options.endpoint_silence)
         self._frame_shift = recognizer.frame_shift
         self._endpoint_frames = max(1, round(options.endpoint_silence / self._frame_shift))
+        self._blank_endpoint_frames = max(1, round(options.blank_endpoint / self._frame_shift))
         self._max_frames = round(options.max_segment / self._frame_shift)
         self._beam = (
-            recognizer.beam_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords)
+            recognizer.beam_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords).fork()
             if recognizer.decoder_name == "beam"
             else None
         )
@@ -159,8 +162,20 @@ class RecognitionStream:
         return self._segments(log_probs)
 
     def _segments(self, log_probs: torch.Tensor) -> list[Event]:
-        """Add new frames to the current segment, splitting at endpoints and at the maximum length."""
+        """Add new frames to the current segment, finalising at the encoder's pauses, at blank-run endpoints and at
+        the maximum length."""
         events: list[Event] = []
+        position = self._segment_start + self._segment_length  # model frames from the stream start
+        ends = self._encoder.segment_ends
+        while ends and ends[0] <= position + len(log_probs):
+            cut = ends.popleft() - position
+            events += self._split(log_probs[:cut])
+            events.append(self._finalize())
+            log_probs, position = log_probs[cut:], position + cut
+        return [e for e in events + self._split(log_probs) if e is not None]
+
+    def _split(self, log_probs: torch.Tensor) -> list[Event | None]:
+        events: list[Event | None] = []
         blank = log_probs.argmax(-1) == 0
         while len(log_probs):
             room = self._max_frames - self._segment_length
@@ -168,7 +183,7 @@ class RecognitionStream:
             if self._segment_length >= self._max_frames:
                 events.append(self._finalize())
             log_probs, blank = log_probs[room:], blank[room:]
-        return [e for e in events if e is not None]
+        return events
 
     def _add(self, log_probs: torch.Tensor, blank: torch.Tensor) -> list[Event]:
         """Append frames to the current segment, ending segments at every endpoint inside them."""
@@ -179,7 +194,7 @@ class RecognitionStream:
                 self._trailing_blanks += 1
             else:
                 self._has_speech, self._trailing_blanks = True, 0
-            if self._has_speech and self._trailing_blanks >= self._endpoint_frames:
+            if self._has_speech and self._trailing_blanks >= self._blank_endpoint_frames:
                 self._append(log_probs[start : i + 1])
                 events.append(self._finalize())
                 start = i + 1
