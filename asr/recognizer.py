@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
 BUNDLED_LM = Path(__file__).parent / "models" / "en-lm"
 DECODERS = ("auto", "beam", "greedy")
+MAX_HOTWORD_LISTS = 8  # decoders (lexicon trie + LM) kept for streams' hotword lists
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,11 @@ class Recognizer:
         if self.decoder_name == "beam":
             base = self.language_model.settings if self.language_model else DecoderSettings()
             self.decoder_settings = DecoderSettings.from_dict({**base.to_dict(), **options.settings})
-            self.beam_decoder(options.hotwords)  # load now so that a bad LM fails here, not mid-batch
         self._local = threading.local()
+        self._templates: collections.OrderedDict[tuple[str, ...], BeamSearchDecoder] = collections.OrderedDict()
+        self._templates_lock = threading.Lock()
+        if self.decoder_name == "beam":
+            self.stream_decoder(options.hotwords)  # load now so that a bad LM fails here, not mid-batch
 
     def _language_model(self, options: DecodeOptions) -> LanguageModel | None:
         if options.lm == "none":
@@ -80,15 +85,28 @@ class Recognizer:
         return None
 
     def beam_decoder(self, hotwords: tuple[str, ...] | list[str] = ()) -> BeamSearchDecoder:
-        """A decoder for the calling thread (flashlight decoders keep per-utterance state)."""
+        """A decoder for the calling thread to decode whole utterances with (flashlight decoders keep search state)."""
+        decoders = self._local.__dict__.setdefault("decoders", {})
         key = tuple(hotwords)
-        cache = getattr(self, "_local", None)
-        if cache is None:
-            return BeamSearchDecoder(self.vocabulary, self.language_model, self.decoder_settings, key)
-        decoders = cache.__dict__.setdefault("decoders", {})
         if key not in decoders:
-            decoders[key] = BeamSearchDecoder(self.vocabulary, self.language_model, self.decoder_settings, key)
+            decoders[key] = self.stream_decoder(key)
         return decoders[key]
+
+    def stream_decoder(self, hotwords: tuple[str, ...] | list[str] = ()) -> BeamSearchDecoder:
+        """A decoder with its own search state for one stream, from any thread.
+
+        The lexicon trie and LM behind it are built once per hotword list (seconds) and shared by all its streams;
+        the most recently used ``MAX_HOTWORD_LISTS`` lists are kept.
+        """
+        key = tuple(hotwords)
+        with self._templates_lock:  # a second stream with the same list waits for the first build instead of repeating it
+            template = self._templates.pop(key, None)
+            if template is None:
+                template = BeamSearchDecoder(self.vocabulary, self.language_model, self.decoder_settings, key)
+            self._templates[key] = template
+            while len(self._templates) > MAX_HOTWORD_LISTS:
+                self._templates.popitem(last=False)
+        return template.fork()
 
     @property
     def sample_rate(self) -> int:

@@ -88,7 +88,7 @@ class RecognitionStream:
         self._blank_endpoint_frames = max(1, round(options.blank_endpoint / self._frame_shift))
         self._max_frames = round(options.max_segment / self._frame_shift)
         self._beam = (
-            recognizer.beam_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords).fork()
+            recognizer.stream_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords)
             if recognizer.decoder_name == "beam"
             else None
         )

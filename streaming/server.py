@@ -96,16 +96,15 @@ class Session:
             raise ProtocolError("phrase_list must be a list of at most 1000 strings")
         self.hotwords = phrases
 
-    def ensure_stream(self) -> RecognitionStream:
-        if self.stream is None:
-            recognizer = self.server.recognizer
-            self.stream = RecognitionStream(
-                recognizer,
-                self.sample_rate,
-                self.server.stream_options,
-                hotwords=self.hotwords if recognizer.decoder_name == "beam" else None,
-            )
-        return self.stream
+    def new_stream(self) -> RecognitionStream:
+        """A stream for this session's settings (slow the first time a phrase list is seen: its decoder is built)."""
+        recognizer = self.server.recognizer
+        return RecognitionStream(
+            recognizer,
+            self.sample_rate,
+            self.server.stream_options,
+            hotwords=self.hotwords if recognizer.decoder_name == "beam" else None,
+        )
 
 
 class InferenceWorker:
@@ -267,7 +266,9 @@ class RecognitionServer:
     async def _audio(self, connection: ServerConnection, session: Session, data: bytes) -> None:
         if len(data) % 2:
             raise ProtocolError(f"audio frames must hold 16-bit samples (an even byte count), got {len(data)} bytes")
-        stream = session.ensure_stream()
+        if session.stream is None:  # built in a helper thread: neither the event loop nor the inference worker waits
+            session.stream = await asyncio.get_running_loop().run_in_executor(None, session.new_stream)
+        stream = session.stream
         try:
             events = await self.worker.audio(stream, np.frombuffer(data, dtype="<i2"))
         except ValueError as error:

@@ -106,6 +106,15 @@ def test_other_sample_rates_and_int16(recognizer, rate):
         assert texts == list(CLIPS.values())
 
 
+def test_blank_output_ends_a_segment_where_the_audio_never_pauses(recognizer):
+    first, second = (load_audio(DATA / name) for name in CLIPS)
+    audio = np.concatenate([silence(0.3), first, silence(2.0), second, silence(2.0)])
+    # endpoint_silence longer than any gap: only the blank-output rule can end the first segment
+    result = finals(run(recognizer, audio, 0.1, endpoint_silence=3.0, blank_endpoint=1.2))
+    assert [loose(f.text) for f in result] == [loose(t) for t in CLIPS.values()]
+    assert result[0].end < 0.3 + len(first) / SAMPLE_RATE + 2.0
+
+
 def test_max_segment_length_forces_a_final(recognizer):
     events = run(recognizer, conversation(), 0.5, endpoint_silence=5.0, blank_endpoint=5.0, max_segment=6.0)
     assert [f.text for f in finals(events)] == [" ".join(CLIPS.values())]
