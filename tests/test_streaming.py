@@ -199,6 +199,17 @@ def test_concurrent_beam_search_streams_do_not_mix(tiny_model, tmp_path):
     assert together == alone
 
 
+def test_beam_search_in_several_threads_shares_the_lexicon_safely(tiny_model, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    write_unigram_lm(tmp_path, sorted({w for text in CLIPS.values() for w in text.split()}))
+    recognizer = asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="beam", lm=str(tmp_path)))
+    audios = [load_audio(DATA / name) for name in CLIPS] * 4
+    alone = [recognizer.transcribe(a, SAMPLE_RATE).text for a in audios]
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda a: recognizer.transcribe(a, SAMPLE_RATE).text, audios)) == alone
+
+
 def test_committed_words_of_partials_never_change(recognizer):
     events = run(recognizer, np.concatenate([conversation()] * 2), 0.05)
     previous: dict[int, Partial] = {}
