@@ -84,12 +84,13 @@ def stream_benchmark(
             run = stream_utterance(recognizer, audio, options)
             compute += run["compute"]
             audio_seconds += len(audio) / SAMPLE_RATE
-            ends = reference_speech_ends(recognizer, audio, text)
+            log_probs = recognizer.log_probs([audio])  # offline output: the offline transcript and the alignment
+            ends = reference_speech_ends(recognizer, log_probs, text)
             words, finals = latencies([(clock, event.to_dict()) for clock, event in run["timeline"]], ends)
             word_latency += words
             final_latency += finals
             streamed.append(" ".join(e.text for _, e in run["timeline"] if isinstance(e, Final)) or "<empty>")
-            offline.append(recognizer.transcribe(audio, SAMPLE_RATE).text or "<empty>")
+            offline.append(recognizer.decode(log_probs).text or "<empty>")
             refs.append(text)
         name = f"{Path(manifest).parent.name}/{Path(manifest).stem}"
         result = {
@@ -156,15 +157,15 @@ async def _paced_client(url: str, audio: np.ndarray, piece: float = PIECE_SECOND
     return {"replies": replies}
 
 
-def reference_speech_ends(recognizer: Recognizer, audio: np.ndarray, text: str) -> list[float]:
-    """Where each spoken character of the reference transcript ends (seconds from the start of ``audio``).
+def reference_speech_ends(recognizer: Recognizer, log_probs: torch.Tensor, text: str) -> list[float]:
+    """Where each spoken character of the reference transcript ends (seconds from the start of the audio).
 
-    From CTC forced alignment of ``text`` with the model's offline output: the benchmark's "end of speech"
-    for a final is the last of these inside its segment, whichever words the model did or did not recognise.
+    From CTC forced alignment of ``text`` with the model's offline output ``log_probs`` (frames, vocab): the
+    benchmark's "end of speech" for a final is the last of these inside its segment, whichever words the model
+    did or did not recognise.
     """
     from torchaudio.functional import forced_align
 
-    log_probs = recognizer.log_probs([audio])
     targets = recognizer.vocabulary.encode(text)
     if not targets:
         return []
@@ -217,7 +218,7 @@ def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], l
     for path, text in _manifest(manifest, max(clients)):
         quiet = (np.random.default_rng(len(recordings)).standard_normal(int(TRAILING_PAUSE * SAMPLE_RATE)) * 1e-3).astype(np.float32)
         recordings.append(np.concatenate([load_audio(path), quiet]))
-        speech_ends.append(reference_speech_ends(recognizer, recordings[-1], text))
+        speech_ends.append(reference_speech_ends(recognizer, recognizer.log_probs([recordings[-1]]), text))
     server = RecognitionServer(recognizer, ServerOptions(host="127.0.0.1", port=0, max_connections=max(clients) + 1))
     loop = asyncio.new_event_loop()
     ready = threading.Event()
