@@ -1,35 +1,38 @@
+import csv
 import json
 import subprocess
 import sys
 
 import torch
 
-from asr import load_model
 from asr.checkpoint import load_model_file
-from tests.conftest import CLIPS, DATA, tiny_train_config, write_manifest
+from tests.conftest import CLIPS, DATA, TRAINING_EPOCHS, tiny_train_config, write_manifest
 from training.data import bucket_batches, build_examples, load_features
 from training.manifest import from_librispeech, from_table, read_manifest
 from training.trainer import train
 
 
-def test_tiny_model_overfits_two_utterances(tiny_model):
-    recognizer = load_model(tiny_model, "cpu")
-    for name, text in CLIPS.items():
-        result = recognizer.transcribe(DATA / name)
-        assert result.text == text
-        assert [w.text for w in result.words] == text.split()
-        assert all(0 <= w.start < w.end <= result.duration + 0.03 for w in result.words)
-    metadata = load_model_file(tiny_model).metadata
-    assert metadata["epochs_completed"] == 6
+def _metrics(folder) -> list[dict]:
+    with (folder / "metrics.csv").open() as handle:
+        return list(csv.DictReader(handle))
 
 
-def test_training_writes_metrics_and_curves(tiny_model):
-    folder = tiny_model.parent
-    rows = (folder / "metrics.csv").read_text().splitlines()
+def test_training_overfits_two_clips_within_the_step_budget(trained_run):
+    # What training must do on any CPU: reach CER 0 on the two clips it is trained on, with steps to spare.
+    dev = [r for r in _metrics(trained_run) if r["split"] not in ("train", "")]
+    assert len(dev) == TRAINING_EPOCHS
+    assert min(float(r["cer"]) for r in dev) == 0.0, [r["cer"] for r in dev]
+    first_perfect = next(int(r["epoch"]) for r in dev if float(r["cer"]) == 0.0)
+    assert first_perfect < TRAINING_EPOCHS
+    assert load_model_file(trained_run / "model.pt").metadata["dev_wer"] == 0.0  # the best epoch is the one kept
+
+
+def test_training_loss_falls_and_curves_are_written(trained_run):
+    rows = (trained_run / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("time,epoch,step,split,loss,grad_norm")
-    losses = [float(r.split(",")[4]) for r in rows[1:] if ",train," in r]
+    losses = [float(r["loss"]) for r in _metrics(trained_run) if r["split"] == "train"]
     assert losses[-1] < losses[0] / 5
-    assert (folder / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (trained_run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_is_exact(tmp_path, overfit_manifest):
