@@ -8,16 +8,19 @@
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
 from .checkpoint import CheckpointError
-from .decoding import Transcript, Word
+from .decoding import Alternative, Transcript, Word
+from .grammar import GrammarError
 from .recognizer import BUNDLED_MODEL, DecodeOptions, Recognizer, load_model
 
 __version__ = "0.1.0"
 __all__ = [
+    "Alternative",
     "BUNDLED_MODEL",
     "SAMPLE_RATE",
     "AudioError",
     "CheckpointError",
     "DecodeOptions",
+    "GrammarError",
     "Recognizer",
     "Transcript",
     "Word",

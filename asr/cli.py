@@ -39,15 +39,34 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--word-score", type=float, help="score added per word (insertion bonus)")
     d.add_argument("--hotwords", default="", help="comma-separated words or phrases to favour (names, domain terms)")
     d.add_argument("--hotwords-file", help="file with one word or phrase per line to favour")
+    d.add_argument(
+        "--grammar",
+        help='comma-separated phrases the output is restricted to, "[unk]" for anything else (e.g. "yes,no,[unk]")',
+    )
+    d.add_argument("--grammar-file", help="file with one grammar phrase per line")
+
+
+def _phrases(listed: str | None, file: str | None) -> list[str] | None:
+    """Comma-separated phrases plus a file's lines; None when neither was given."""
+    if listed is None and file is None:
+        return None
+    phrases = [p.strip() for p in (listed or "").split(",") if p.strip()]
+    if file:
+        phrases += [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return phrases
+
+
+def grammar_phrases(args: argparse.Namespace) -> list[str] | None:
+    """The --grammar/--grammar-file phrases, or None."""
+    return _phrases(getattr(args, "grammar", None), getattr(args, "grammar_file", None))
 
 
 def decode_options(args: argparse.Namespace):
     """DecodeOptions from the parsed model/decoding arguments."""
     from .recognizer import DecodeOptions
 
-    hotwords = [h.strip() for h in args.hotwords.split(",") if h.strip()]
-    if args.hotwords_file:
-        hotwords += [line.strip() for line in Path(args.hotwords_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    hotwords = _phrases(args.hotwords, args.hotwords_file) or []
+    grammar = grammar_phrases(args)
     settings = {
         k: v
         for k, v in (
@@ -57,7 +76,16 @@ def decode_options(args: argparse.Namespace):
         )
         if v is not None
     }
-    return DecodeOptions(args.chunk_frames, args.lookahead_frames, args.decoder, args.lm, settings, tuple(hotwords))
+    return DecodeOptions(
+        args.chunk_frames,
+        args.lookahead_frames,
+        args.decoder,
+        args.lm,
+        settings,
+        tuple(hotwords),
+        None if grammar is None else tuple(grammar),
+        getattr(args, "alternatives", 0),
+    )
 
 
 def load_recognizer(args: argparse.Namespace):
@@ -114,10 +142,13 @@ def run_transcribe(args: argparse.Namespace, transcribe=None) -> int:
         args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if transcribe is None:
         try:
-            transcribe = load_recognizer(args).transcribe
+            recognizer = load_recognizer(args)
         except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
+        if args.alternatives > 1 and recognizer.decoder_name == "greedy" and recognizer.grammar is None:
+            print("note: the greedy decoder gives one alternative; N-best needs beam search (--decoder beam)", file=sys.stderr)
+        transcribe = recognizer.transcribe
     stdin_bytes = sys.stdin.buffer.read() if any(src == "-" for src, _ in inputs) else None
     out_dir = Path(args.output_dir) if args.output_dir else None
 
@@ -177,6 +208,7 @@ def add_transcribe_parser(subparsers) -> None:
     p.add_argument("-o", "--output-dir", help="write <name>.<format> files here instead of printing")
     p.add_argument("-j", "--jobs", type=int, default=1, help="files transcribed in parallel")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--alternatives", type=int, default=0, metavar="N", help="add the N best hypotheses with confidences to json output")
     add_model_options(p)
     p.set_defaults(handler=run_transcribe)
 

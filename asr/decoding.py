@@ -19,13 +19,36 @@ class Word:
 
 
 @dataclass
+class Alternative:
+    """One entry of an N-best list."""
+
+    text: str
+    confidence: float  # 0..1: the hypothesis' share of the probability mass in the decoder's beam
+    words: list[Word] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "confidence": self.confidence, "words": [asdict(w) for w in self.words]}
+
+
+@dataclass
 class Transcript:
     text: str
     words: list[Word] = field(default_factory=list)
     duration: float = 0.0  # seconds of audio
+    alternatives: list[Alternative] = field(default_factory=list)  # N-best, most likely first, when asked for
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "duration": self.duration, "words": [asdict(w) for w in self.words]}
+        data = {"text": self.text, "duration": self.duration, "words": [asdict(w) for w in self.words]}
+        if self.alternatives:
+            data["alternatives"] = [a.to_dict() for a in self.alternatives]
+        return data
+
+
+def check_alternatives(value: object) -> int:
+    """A valid N-best size (an int >= 0; 0: no alternatives), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"alternatives must be a whole number >= 0, got {value!r}")
+    return value
 
 
 WORD_BREAK_PAUSE = 0.3  # seconds of blanks that separate words even when no space was emitted

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,15 +14,17 @@ import torch
 
 from .audio import SAMPLE_RATE, AudioSource, iter_audio, prepare_array
 from .checkpoint import ModelBundle, load_model_file
-from .decoding import Transcript, greedy_decode
+from .decoding import Alternative, Transcript, check_alternatives, greedy_decode
 from .encoder import ChunkedEncoder
 from .features import LogMelExtractor, StreamingFeatures
+from .grammar import Grammar
 from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
 BUNDLED_LM = Path(__file__).parent / "models" / "en-lm"
 DECODERS = ("auto", "beam", "greedy")
-MAX_HOTWORD_LISTS = 8  # decoders (lexicon trie + LM) kept for streams' hotword lists
+MAX_HOTWORD_LISTS = 8  # decoders (lexicon trie + LM) kept for streams' hotword lists (and grammars)
+GrammarLike = Grammar | Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class DecodeOptions:
     lm: str | None = None  # language-model folder; None = the bundled LM for the bundled model; "none" = no LM
     settings: dict = field(default_factory=dict)  # overrides of the LM folder's DecoderSettings
     hotwords: tuple[str, ...] = ()
+    grammar: tuple[str, ...] | None = None  # phrases (and "[unk]") the output is restricted to; None: free text
+    alternatives: int = 0  # N-best entries in each result (Transcript.alternatives)
 
     def __post_init__(self) -> None:
         for name in ("chunk_frames", "lookahead_frames"):
@@ -40,6 +45,12 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be >= 0")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.grammar is not None:
+            Grammar.parse(self.grammar)  # GrammarError (a ValueError) for an empty or unspellable grammar
+            object.__setattr__(self, "grammar", tuple(self.grammar))
+            if self.hotwords:
+                raise ValueError("give a grammar or hotwords, not both")
+        check_alternatives(self.alternatives)
 
 
 class Recognizer:
@@ -64,14 +75,16 @@ class Recognizer:
         self.decoder_name = options.decoder
         if options.decoder == "auto":
             self.decoder_name = "beam" if self.language_model is not None else "greedy"
-        self.decoder_settings = None
-        if self.decoder_name == "beam":
-            base = self.language_model.settings if self.language_model else DecoderSettings()
-            self.decoder_settings = DecoderSettings.from_dict({**base.to_dict(), **options.settings})
+        base = self.language_model.settings if self.language_model else DecoderSettings()
+        self.grammar_settings = DecoderSettings.from_dict({**base.to_dict(), **options.settings})  # beam size etc.
+        self.decoder_settings = self.grammar_settings if self.decoder_name == "beam" else None
+        self.grammar = self.parse_grammar(options.grammar) if options.grammar is not None else None
         self._local = threading.local()
-        self._templates: collections.OrderedDict[tuple[str, ...], BeamSearchDecoder] = collections.OrderedDict()
+        self._templates: collections.OrderedDict[object, BeamSearchDecoder] = collections.OrderedDict()
         self._templates_lock = threading.Lock()
-        if self.decoder_name == "beam":
+        if self.grammar is not None:
+            self.stream_decoder(grammar=self.grammar)
+        elif self.decoder_name == "beam":
             self.stream_decoder(options.hotwords)  # load now so that a bad LM fails here, not mid-batch
 
     def _language_model(self, options: DecodeOptions) -> LanguageModel | None:
@@ -84,24 +97,38 @@ class Recognizer:
             return LanguageModel.load(BUNDLED_LM)
         return None
 
-    def beam_decoder(self, hotwords: tuple[str, ...] | list[str] = ()) -> BeamSearchDecoder:
-        """A decoder for the calling thread to decode whole utterances with (flashlight decoders keep search state)."""
-        decoders = self._local.__dict__.setdefault("decoders", {})
-        key = tuple(hotwords)
-        if key not in decoders:
-            decoders[key] = self.stream_decoder(key)
-        return decoders[key]
+    def parse_grammar(self, phrases: GrammarLike) -> Grammar:
+        """A grammar checked against this model's characters (GrammarError, a ValueError, if unusable)."""
+        return phrases if isinstance(phrases, Grammar) else Grammar.parse(phrases, self.vocabulary.tokens)
 
-    def stream_decoder(self, hotwords: tuple[str, ...] | list[str] = ()) -> BeamSearchDecoder:
+    def resolve_grammar(self, grammar: GrammarLike | None) -> Grammar | None:
+        """The grammar to decode with: ``grammar`` (parsed), or by default the recogniser's own (or None)."""
+        return self.grammar if grammar is None else self.parse_grammar(grammar)
+
+    def beam_decoder(self, hotwords: tuple[str, ...] | list[str] = (), grammar: Grammar | None = None) -> BeamSearchDecoder:
+        """A decoder for the calling thread to decode whole utterances with (flashlight decoders keep search state)."""
+        decoders = self._local.__dict__.setdefault("decoders", collections.OrderedDict())
+        key = grammar if grammar is not None else tuple(hotwords)
+        decoder = decoders.pop(key, None)
+        if decoder is None:
+            decoder = self.stream_decoder(key) if grammar is None else self.stream_decoder(grammar=grammar)
+        decoders[key] = decoder
+        while len(decoders) > MAX_HOTWORD_LISTS:
+            decoders.popitem(last=False)
+        return decoder
+
+    def stream_decoder(self, hotwords: tuple[str, ...] | list[str] = (), grammar: Grammar | None = None) -> BeamSearchDecoder:
         """A decoder with its own search state for one stream, from any thread.
 
-        The lexicon trie and LM behind it are built once per hotword list (seconds) and shared by all its streams;
-        the most recently used ``MAX_HOTWORD_LISTS`` lists are kept.
+        The lexicon trie and LM behind it are built once per hotword list (seconds) or grammar and shared by all its
+        streams; the most recently used ``MAX_HOTWORD_LISTS`` lists and grammars are kept.
         """
-        key = tuple(hotwords)
+        key = grammar if grammar is not None else tuple(hotwords)
         with self._templates_lock:  # a second stream with the same list waits for the first build instead of repeating it
             template = self._templates.pop(key, None)
-            if template is None:
+            if template is None and grammar is not None:
+                template = BeamSearchDecoder(self.vocabulary, None, self.grammar_settings, grammar=grammar)
+            elif template is None:
                 template = BeamSearchDecoder(self.vocabulary, self.language_model, self.decoder_settings, key)
             self._templates[key] = template
             while len(self._templates) > MAX_HOTWORD_LISTS:
@@ -125,24 +152,56 @@ class Recognizer:
         outputs.append(encoder.flush())
         return torch.cat(outputs)
 
-    def decode(self, log_probs: torch.Tensor, hotwords: tuple[str, ...] | list[str] | None = None) -> Transcript:
-        """log_probs (frames, vocab) -> Transcript with the configured decoder."""
-        if self.decoder_name == "greedy":
-            return greedy_decode(log_probs, self.vocabulary, self.frame_shift)
-        return self.beam_decoder(self.options.hotwords if hotwords is None else hotwords).decode(log_probs, self.frame_shift)
+    def decode(
+        self,
+        log_probs: torch.Tensor,
+        hotwords: tuple[str, ...] | list[str] | None = None,
+        grammar: GrammarLike | None = None,
+        alternatives: int | None = None,
+    ) -> Transcript:
+        """log_probs (frames, vocab) -> Transcript with the configured decoder, or over a grammar.
 
-    def transcribe(self, audio: AudioSource | np.ndarray, sample_rate: int | None = None, hotwords: list[str] | None = None) -> Transcript:
+        A grammar always decodes with beam search over its phrases, whatever the decoder. N-best ``alternatives``
+        come from beam search; the greedy decoder considers one hypothesis: its only alternative has confidence 1.
+        """
+        if hotwords is not None and grammar is not None:
+            raise ValueError("give a grammar or hotwords, not both")
+        grammar = self.resolve_grammar(grammar)
+        alternatives = check_alternatives(self.options.alternatives if alternatives is None else alternatives)
+        if grammar is not None:
+            return self.beam_decoder(grammar=grammar).decode(log_probs, self.frame_shift, alternatives=alternatives)
+        if self.decoder_name == "greedy":
+            transcript = greedy_decode(log_probs, self.vocabulary, self.frame_shift)
+            if alternatives:
+                transcript.alternatives = [Alternative(transcript.text, 1.0, list(transcript.words))]
+            return transcript
+        decoder = self.beam_decoder(self.options.hotwords if hotwords is None else hotwords)
+        return decoder.decode(log_probs, self.frame_shift, alternatives=alternatives)
+
+    def transcribe(
+        self,
+        audio: AudioSource | np.ndarray,
+        sample_rate: int | None = None,
+        hotwords: list[str] | None = None,
+        grammar: GrammarLike | None = None,
+        alternatives: int | None = None,
+    ) -> Transcript:
         """Transcribe a path, encoded bytes, or an array (samples,)/(samples, channels) at ``sample_rate``.
 
         ``hotwords``: words or phrases to favour in beam search (default: the recogniser's own).
+        ``grammar``: phrases (and optionally "[unk]") that the output is restricted to (default: the recogniser's own).
+        ``alternatives``: N-best entries wanted in ``Transcript.alternatives`` (default: the recogniser's own, 0).
         """
+        if hotwords is not None and grammar is not None:
+            raise ValueError("give a grammar or hotwords, not both")
+        grammar = self.resolve_grammar(grammar)  # errors before the audio is read
         if isinstance(audio, np.ndarray | torch.Tensor):
             signal = prepare_array(np.asarray(audio), sample_rate)
             blocks, duration = [signal], len(signal) / SAMPLE_RATE
         else:
             blocks, duration = _counting(iter_audio(audio))
         log_probs = self.log_probs(blocks)
-        transcript = self.decode(log_probs, hotwords)
+        transcript = self.decode(log_probs, hotwords, grammar, alternatives)
         transcript.duration = round(float(duration() if callable(duration) else duration), 3)
         return transcript
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from asr.cli import add_model_options, load_recognizer
+from asr.cli import add_model_options, grammar_phrases, load_recognizer
 
 
 def run_mic(args: argparse.Namespace) -> int:
@@ -96,7 +96,8 @@ def _mic_through_server(args: argparse.Namespace, device: int | None, rate: int)
 
     print(f"streaming device {device} at {rate} Hz to {args.server} (Ctrl+C to stop)", file=sys.stderr)
     try:
-        asyncio.run(stream_blocks(args.server, blocks(), rate, show, args.token))
+        hotwords = [h.strip() for h in args.hotwords.split(",") if h.strip()] or None
+        asyncio.run(stream_blocks(args.server, blocks(), rate, show, args.token, phrase_list=grammar_phrases(args), hotwords=hotwords))
     except (MicrophoneError, OSError, InvalidStatus, InvalidURI) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -231,10 +232,19 @@ def extend_transcribe(subparsers) -> None:
 
         from .client import transcribe_with_server
 
-        phrases = [h.strip() for h in args.hotwords.split(",") if h.strip()] or None
+        if args.alternatives:
+            print("error: --alternatives needs local recognition (not --server)", file=sys.stderr)
+            return 2
+        hotwords = [h.strip() for h in args.hotwords.split(",") if h.strip()] or None
+        try:
+            grammar = grammar_phrases(args)
+        except OSError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
         def remote(source):
-            return _transcript_from_finals(asyncio.run(transcribe_with_server(args.server, source, args.token, phrases)))
+            finals = asyncio.run(transcribe_with_server(args.server, source, args.token, grammar, hotwords=hotwords))
+            return _transcript_from_finals(finals)
 
         return local(args, remote)
 

@@ -13,7 +13,11 @@ from asr.audio import SAMPLE_RATE, iter_audio
 
 
 class RecognitionClient:
-    """``async with RecognitionClient(url) as client:`` then ``send`` audio and iterate ``events()``."""
+    """``async with RecognitionClient(url) as client:`` then ``send`` audio and iterate ``events()``.
+
+    ``phrase_list`` is a grammar (vosk-server's meaning: output restricted to these phrases, "[unk]" for anything
+    else); ``hotwords`` are words to favour (this server's extension; vosk-server ignores the key).
+    """
 
     def __init__(
         self,
@@ -23,8 +27,10 @@ class RecognitionClient:
         phrase_list: list[str] | None = None,
         token: str | None = None,
         ssl=None,
+        hotwords: list[str] | None = None,
     ) -> None:
         self.url, self.sample_rate, self.words, self.phrase_list, self.token, self.ssl = url, sample_rate, words, phrase_list, token, ssl
+        self.hotwords = hotwords
         self._connection: ClientConnection | None = None
 
     async def __aenter__(self) -> RecognitionClient:
@@ -33,6 +39,8 @@ class RecognitionClient:
         config = {"sample_rate": self.sample_rate, "words": self.words}
         if self.phrase_list:
             config["phrase_list"] = self.phrase_list
+        if self.hotwords:
+            config["hotwords"] = self.hotwords
         await self._connection.send(json.dumps({"config": config}))
         return self
 
@@ -62,10 +70,11 @@ async def transcribe_with_server(
     piece_seconds: float = 0.5,
     ssl=None,
     on_event: Callable[[dict], None] | None = None,
+    hotwords: list[str] | None = None,
 ) -> list[dict]:
     """Stream a file to the server as fast as it accepts it; returns the final results (with words)."""
     finals: list[dict] = []
-    async with RecognitionClient(url, SAMPLE_RATE, True, phrase_list, token, ssl) as client:
+    async with RecognitionClient(url, SAMPLE_RATE, True, phrase_list, token, ssl, hotwords) as client:
 
         async def receive() -> None:
             async for event in client.events():
@@ -87,10 +96,17 @@ async def transcribe_with_server(
 
 
 async def stream_blocks(
-    url: str, blocks: Iterable[np.ndarray], sample_rate: int, on_event: Callable[[dict], None], token: str | None = None, ssl=None
+    url: str,
+    blocks: Iterable[np.ndarray],
+    sample_rate: int,
+    on_event: Callable[[dict], None],
+    token: str | None = None,
+    ssl=None,
+    phrase_list: list[str] | None = None,
+    hotwords: list[str] | None = None,
 ) -> None:
     """Send audio blocks (e.g. from a microphone) and hand every reply to ``on_event``."""
-    async with RecognitionClient(url, sample_rate, True, None, token, ssl) as client:
+    async with RecognitionClient(url, sample_rate, True, phrase_list, token, ssl, hotwords) as client:
 
         async def receive() -> None:
             async for event in client.events():

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from asr.audio import SAMPLE_RATE, StreamResampler
-from asr.decoding import Transcript, Word, greedy_decode
+from asr.decoding import Alternative, Transcript, Word, check_alternatives, greedy_decode
 from asr.encoder import ChunkedEncoder
 from asr.features import StreamingFeatures
-from asr.recognizer import Recognizer
+from asr.recognizer import GrammarLike, Recognizer
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,10 @@ class Final:
     start: float  # seconds from the stream start
     end: float
     words: list[Word] = field(default_factory=list)
+    alternatives: list[Alternative] = field(default_factory=list)  # N-best, when the stream asked for them
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "type": "final",
             "text": self.text,
             "segment": self.segment,
@@ -62,13 +63,20 @@ class Final:
             "end": self.end,
             "result": [{"word": w.text, "start": w.start, "end": w.end, "conf": w.confidence} for w in self.words],
         }
+        if self.alternatives:
+            data["alternatives"] = [a.to_dict() for a in self.alternatives]
+        return data
 
 
 Event = Partial | Final
 
 
 class RecognitionStream:
-    """Feed audio with ``accept``; call ``finish`` at the end. Not thread-safe: one stream per thread or task."""
+    """Feed audio with ``accept``; call ``finish`` at the end. Not thread-safe: one stream per thread or task.
+
+    ``hotwords``, ``grammar`` and ``alternatives`` (N-best entries in each final) default to the recogniser's own.
+    With a grammar, partials show the words finished so far (a prefix of the grammar's phrases) and commit none.
+    """
 
     def __init__(
         self,
@@ -76,6 +84,8 @@ class RecognitionStream:
         sample_rate: int = SAMPLE_RATE,
         options: StreamOptions = StreamOptions(),
         hotwords: list[str] | tuple[str, ...] | None = None,
+        grammar: GrammarLike | None = None,
+        alternatives: int | None = None,
     ) -> None:
         self.recognizer = recognizer
         self.options = options
@@ -87,11 +97,14 @@ class RecognitionStream:
         self._endpoint_frames = max(1, round(options.endpoint_silence / self._frame_shift))
         self._blank_endpoint_frames = max(1, round(options.blank_endpoint / self._frame_shift))
         self._max_frames = round(options.max_segment / self._frame_shift)
-        self._beam = (
-            recognizer.stream_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords)
-            if recognizer.decoder_name == "beam"
-            else None
-        )
+        self._grammar = recognizer.resolve_grammar(grammar)
+        self._alternatives = check_alternatives(recognizer.options.alternatives if alternatives is None else alternatives)
+        if self._grammar is not None:
+            self._beam = recognizer.stream_decoder(grammar=self._grammar)
+        elif recognizer.decoder_name == "beam":
+            self._beam = recognizer.stream_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords)
+        else:
+            self._beam = None
         self._segment = 0
         self._segment_start = 0  # model frames since the stream start
         self._segment_frames: list[torch.Tensor] = []
@@ -219,7 +232,7 @@ class RecognitionStream:
         horizon = (self._segment_start + self._segment_length - self._lookahead) * self._frame_shift
         ends = [w.end for w in self._transcript_words]
         for i in range(len(self._committed), len(words) - 1):
-            if ends[i] > horizon:
+            if ends[i] > horizon or self._grammar is not None:  # a grammar may still switch phrases
                 break
             self._committed.append(words[i])
         shown = self._committed + words[len(self._committed) :]
@@ -242,10 +255,13 @@ class RecognitionStream:
     def _transcript(self, final: bool) -> Transcript:
         emissions = torch.cat(self._segment_frames) if self._segment_frames else torch.zeros(0, len(self.recognizer.vocabulary))
         offset = self._segment_start * self._frame_shift
+        alternatives = self._alternatives if final else 0
         if self._beam is not None:
-            transcript = self._beam.best(emissions, self._frame_shift, offset, final=final)
+            transcript = self._beam.best(emissions, self._frame_shift, offset, final=final, alternatives=alternatives)
         else:
             transcript = greedy_decode(emissions, self.recognizer.vocabulary, self._frame_shift, offset)
+            if alternatives:  # the greedy decoder considers one hypothesis
+                transcript.alternatives = [Alternative(transcript.text, 1.0, list(transcript.words))]
         self._transcript_words = transcript.words
         return transcript
 
@@ -256,7 +272,11 @@ class RecognitionStream:
         transcript = self._transcript(final=True)
         start = self._segment_start * self._frame_shift
         end = (self._segment_start + self._segment_length) * self._frame_shift
-        final = Final(transcript.text, self._segment, round(start, 3), round(end, 3), transcript.words) if transcript.text else None
+        final = (
+            Final(transcript.text, self._segment, round(start, 3), round(end, 3), transcript.words, transcript.alternatives)
+            if transcript.text
+            else None
+        )
         if final is not None:
             self._segment += 1
         self._segment_start += self._segment_length

@@ -25,13 +25,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from asr.encoder import encode_ready_chunks
+from asr.grammar import Grammar, GrammarError
 from asr.recognizer import Recognizer
 
 from .recognizer import Final, Partial, RecognitionStream, StreamOptions
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # the browser client served at /
-CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "hotwords"}
+CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "grammar", "hotwords"}
+MAX_PHRASES = 1000  # entries of a connection's grammar or hotword list
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
@@ -59,12 +61,43 @@ class ProtocolError(ValueError):
     """A client message that breaks the protocol; reported to that client only."""
 
 
-def vosk_message(event: Partial | Final, words: bool) -> dict:
-    """A Vosk-compatible reply; extra keys (type, segment, ...) are ignored by Vosk clients."""
+def vosk_message(event: Partial | Final, words: bool, alternatives: int = 0) -> dict:
+    """A Vosk-compatible reply; extra keys (type, segment, ...) are ignored by Vosk clients.
+
+    With ``alternatives`` (max_alternatives > 0), a final carries vosk-server's N-best form in place of text/result:
+    ``{"alternatives": [{"text", "confidence", "result": [{"word", "start", "end"}]}]}`` (result only with words).
+    """
     data = event.to_dict()
-    if isinstance(event, Final) and not words:
-        data.pop("result")
+    if isinstance(event, Final):
+        data.pop("alternatives", None)
+        if alternatives:
+            data.pop("text")
+            data.pop("result")
+            data["alternatives"] = [_vosk_alternative(a.text, a.confidence, a.words if words else None) for a in event.alternatives]
+        elif not words:
+            data.pop("result")
     return data
+
+
+def _vosk_alternative(text: str, confidence: float, words: list | None) -> dict:
+    entry = {"text": text, "confidence": confidence}
+    if words is not None:
+        entry["result"] = [{"word": w.text, "start": w.start, "end": w.end} for w in words]
+    return entry
+
+
+def empty_final(words: bool, alternatives: int) -> dict:
+    """The final sent at eof/reset when nothing was recognised (vosk-server sends one too)."""
+    if alternatives:
+        return {"type": "final", "alternatives": [_vosk_alternative("", 1.0, [] if words else None)]}
+    return {"type": "final", "text": "", **({"result": []} if words else {})}
+
+
+def _phrase_list(config: dict, key: str) -> list[str]:
+    phrases = config[key]
+    if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases) or len(phrases) > MAX_PHRASES:
+        raise ProtocolError(f"{key} must be a list of at most {MAX_PHRASES} strings")
+    return phrases
 
 
 class Session:
@@ -74,10 +107,13 @@ class Session:
         self.server = server
         self.sample_rate = server.options.sample_rate
         self.words = False
-        self.hotwords: list[str] = []
+        self.hotwords: list[str] | None = None  # None: the server's own
+        self.grammar: Grammar | None = None  # None: the server's own (usually none)
+        self.alternatives = 0
         self.stream: RecognitionStream | None = None
 
     def configure(self, config: object) -> None:
+        """Apply a client's config, all of it or (on a ProtocolError) none of it."""
         if self.stream is not None:
             raise ProtocolError("config must come before the first audio")
         if not isinstance(config, dict):
@@ -85,25 +121,35 @@ class Session:
         unknown = set(config) - CONFIG_KEYS
         if unknown:
             raise ProtocolError(f"unknown config key(s): {sorted(unknown)}")
-        if "sample_rate" in config:
-            rate = config["sample_rate"]
-            if not isinstance(rate, int | float) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE or rate != int(rate):
-                raise ProtocolError(f"sample_rate must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, got {rate!r}")
-            self.sample_rate = int(rate)
+        rate = config.get("sample_rate", self.sample_rate)
+        if not isinstance(rate, int | float) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE or rate != int(rate):
+            raise ProtocolError(f"sample_rate must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, got {rate!r}")
+        alternatives = config.get("max_alternatives", self.alternatives)
+        if isinstance(alternatives, bool) or not isinstance(alternatives, int) or alternatives < 0:
+            raise ProtocolError(f"max_alternatives must be a whole number >= 0 (0: no alternatives), got {alternatives!r}")
+        if "phrase_list" in config and "grammar" in config:
+            raise ProtocolError("phrase_list and grammar are the same setting: send one of them")
+        grammar = self.grammar
+        for key in ("phrase_list", "grammar"):  # vosk-server's phrase_list is a grammar: output restricted to the phrases
+            if key in config:
+                try:
+                    grammar = self.server.recognizer.parse_grammar(_phrase_list(config, key))
+                except GrammarError as error:
+                    raise ProtocolError(f"{key}: {error}") from error
+        hotwords = _phrase_list(config, "hotwords") if "hotwords" in config else self.hotwords
+        self.sample_rate, self.alternatives, self.grammar, self.hotwords = int(rate), alternatives, grammar, hotwords
         self.words = bool(config.get("words", self.words))
-        phrases = config.get("phrase_list", config.get("hotwords", []))
-        if not isinstance(phrases, list) or not all(isinstance(p, str) for p in phrases) or len(phrases) > 1000:
-            raise ProtocolError("phrase_list must be a list of at most 1000 strings")
-        self.hotwords = phrases
 
     def new_stream(self) -> RecognitionStream:
-        """A stream for this session's settings (slow the first time a phrase list is seen: its decoder is built)."""
+        """A stream for this session's settings (slow the first time a hotword list is seen: its decoder is built)."""
         recognizer = self.server.recognizer
         return RecognitionStream(
             recognizer,
             self.sample_rate,
             self.server.stream_options,
-            hotwords=self.hotwords if recognizer.decoder_name == "beam" else None,
+            hotwords=self.hotwords,
+            grammar=self.grammar,
+            alternatives=self.alternatives,
         )
 
 
@@ -222,7 +268,7 @@ class RecognitionServer:
 
     async def _send(self, connection: ServerConnection, session: Session, events) -> None:
         for event in events:
-            await connection.send(json.dumps(vosk_message(event, session.words)))
+            await connection.send(json.dumps(vosk_message(event, session.words, session.alternatives)))
 
     async def _serve(self, connection: ServerConnection, session: Session) -> None:
         while True:
@@ -281,7 +327,7 @@ class RecognitionServer:
         finals = [e for e in events if isinstance(e, Final)]
         await self._send(connection, session, [e for e in events if isinstance(e, Partial)] + finals)
         if not finals:
-            await connection.send(json.dumps({"type": "final", "text": "", **({"result": []} if session.words else {})}))
+            await connection.send(json.dumps(empty_final(session.words, session.alternatives)))
         if restart:
             session.stream = None
 

@@ -266,7 +266,7 @@ def test_tls(recognizer, tmp_path):
         running.stop()
 
 
-def test_phrase_list_is_per_connection(tiny_model, tmp_path):
+def test_hotwords_are_per_connection(tiny_model, tmp_path):
     from tests.test_streaming import write_unigram_lm
 
     first = load_audio(DATA / "how_much_was_it.opus")
@@ -276,7 +276,7 @@ def test_phrase_list_is_per_connection(tiny_model, tmp_path):
     running = RunningServer(recognizer)
 
     async def both():
-        return await asyncio.gather(vosk_client(running.url, audio, {"phrase_list": ["much"]}), vosk_client(running.url, audio, {}))
+        return await asyncio.gather(vosk_client(running.url, audio, {"hotwords": ["much"]}), vosk_client(running.url, audio, {}))
 
     try:
         with_phrase, without = asyncio.run(both())
@@ -284,6 +284,91 @@ def test_phrase_list_is_per_connection(tiny_model, tmp_path):
         running.stop()
     assert [r["text"] for r in with_phrase if r.get("text")] == ["how much was it"]
     assert "much" not in " ".join(r["text"] for r in without if r.get("text"))
+
+
+GRAMMAR = [*CLIPS.values(), "[unk]"]
+PREFIXES = {" ".join(p.split()[:i]) for p in CLIPS.values() for i in range(1, len(p.split()) + 1)}
+
+
+def test_phrase_list_is_a_grammar_per_connection(server):
+    # vosk-server's meaning: recognition restricted to the phrases, "[unk]" for anything else; "grammar" is a synonym
+    async def three():
+        return await asyncio.gather(
+            vosk_client(server.url, conversation(), {"phrase_list": GRAMMAR, "words": True}),
+            vosk_client(server.url, conversation(), {"grammar": ["zero", "one", "[unk]"]}),
+            vosk_client(server.url, conversation(), {}),
+        )
+
+    restricted, unknown, free = asyncio.run(three())
+    assert [r["text"] for r in restricted if r.get("text")] == list(CLIPS.values())
+    assert all(r["partial"] in PREFIXES for r in restricted if r.get("partial")), restricted
+    assert [w["word"] for r in restricted if r.get("text") for w in r["result"]] == " ".join(CLIPS.values()).split()
+    assert [r["text"] for r in unknown if r.get("text")] == ["[unk]", "[unk]"]
+    assert [r["text"] for r in free if r.get("text")] == list(CLIPS.values())
+
+
+def test_max_alternatives_gives_vosk_n_best_finals(server):
+    async def scenario():
+        with_words = await vosk_client(server.url, conversation(), {"max_alternatives": 3, "phrase_list": GRAMMAR, "words": True})
+        greedy = await vosk_client(server.url, conversation(), {"max_alternatives": 2})
+        async with connect(server.url) as ws:  # nothing said: vosk's empty N-best final
+            await ws.send(json.dumps({"config": {"max_alternatives": 1}}))
+            await ws.send('{"eof": 1}')
+            empty, _ = await drain(ws)
+        return with_words, greedy, empty
+
+    with_words, greedy, empty = asyncio.run(scenario())
+    finals = [r for r in with_words if r.get("type") == "final"]
+    assert all("text" not in r and "result" not in r for r in finals)
+    assert [r["alternatives"][0]["text"] for r in finals] == list(CLIPS.values())
+    for final in finals:
+        alternatives = final["alternatives"]
+        confidences = [a["confidence"] for a in alternatives]
+        assert 1 <= len(alternatives) <= 3 and confidences == sorted(confidences, reverse=True)
+        assert all(0 < c <= 1 for c in confidences) and sum(confidences) <= 1 + 1e-9
+        for alternative in alternatives:
+            assert set(alternative) == {"text", "confidence", "result"}
+            assert [w["word"] for w in alternative["result"]] == alternative["text"].split()
+            assert all(set(w) == {"word", "start", "end"} and w["start"] < w["end"] for w in alternative["result"])
+    assert any("partial" in r for r in with_words)  # partials are unchanged
+    greedy_finals = [r for r in greedy if r.get("type") == "final" and r["alternatives"][0]["text"]]
+    assert [[(a["text"], a["confidence"]) for a in r["alternatives"]] for r in greedy_finals] == [[(t, 1.0)] for t in CLIPS.values()]
+    assert all("result" not in a for r in greedy_finals for a in r["alternatives"])  # words were not requested
+    assert empty == [{"type": "final", "alternatives": [{"text": "", "confidence": 1.0}]}]
+
+
+def test_bad_grammar_or_alternatives_is_reported_to_that_client_only(server):
+    async def scenario():
+        async with connect(server.url) as bad:
+            errors = []
+            for config in (
+                {"phrase_list": []},
+                {"phrase_list": ["zero", "d\u00e9j\u00e0 vu"]},
+                {"grammar": "zero one"},
+                {"phrase_list": ["zero"], "grammar": ["one"]},
+                {"max_alternatives": -1},
+                {"max_alternatives": "3"},
+                {"max_alternatives": True},
+                {"phrase_list": ["zero"], "max_alternatives": 1.5},
+            ):
+                await bad.send(json.dumps({"config": config}))
+                errors.append(json.loads(await bad.recv()))
+            await bad.send(json.dumps({"config": {"phrase_list": GRAMMAR}}))  # a good config still works afterwards
+            audio = conversation()
+            for start in range(0, len(audio), 4000):
+                await bad.send(pcm16(audio[start : start + 4000]))
+            await bad.send('{"eof": 1}')
+            replies, _ = await drain(bad)
+            other = await vosk_client(server.url, conversation())
+            return errors, replies, other
+
+    errors, replies, other = asyncio.run(scenario())
+    assert all(e["type"] == "error" for e in errors), errors
+    messages = [e["error"] for e in errors]
+    assert "at least one phrase" in messages[0] and "cannot be spelled" in messages[1] and "list of at most" in messages[2]
+    assert "same setting" in messages[3] and all("max_alternatives" in m for m in messages[4:])
+    assert [r["text"] for r in replies if r.get("text")] == list(CLIPS.values())
+    assert [r["text"] for r in other if r.get("text")] == list(CLIPS.values())
 
 
 def test_abrupt_disconnect_and_session_length_limit(recognizer):
