@@ -48,11 +48,20 @@ class ModelConfig:
 
 
 def _reverse_valid(x: Tensor, lengths: Tensor) -> Tensor:
-    """Reverse the first lengths[b] steps of each sequence in x (batch, time, dim); padding stays put."""
-    steps = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-    lengths = lengths.unsqueeze(1)
-    index = torch.where(steps < lengths, lengths - 1 - steps, steps)
-    return x.gather(1, index.unsqueeze(2).expand_as(x))
+    """Reverse the first lengths[b] steps of each sequence in x (batch, time, dim); padding stays put.
+
+    Most sequences (chunk windows) are full, and a flip is much cheaper than a gather; only the others are gathered.
+    """
+    steps = x.shape[1]
+    reversed_ = x.flip(1)
+    partial = (lengths < steps).nonzero().squeeze(1)
+    if len(partial):
+        time = torch.arange(steps, device=x.device).unsqueeze(0)
+        length = lengths[partial].unsqueeze(1)
+        index = torch.where(time < length, length - 1 - time, time)
+        part = x[partial].gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
+        reversed_ = reversed_.index_put((partial,), part)
+    return reversed_
 
 
 class ChunkedBiRNNLayer(nn.Module):
@@ -112,8 +121,15 @@ class CTCModel(nn.Module):
             ChunkedBiRNNLayer(input_size if i == 0 else 2 * config.hidden_size, config.hidden_size, config.cell)
             for i in range(config.num_layers)
         )
-        self.dropout = nn.Dropout(config.dropout)
         self.output = nn.Linear(2 * config.hidden_size, config.vocab_size)
+
+    def _dropout(self, x: Tensor) -> Tensor:
+        """Inverted dropout in training; a comparison with uniform noise is twice as fast as bernoulli_ on the CPU."""
+        p = self.config.dropout
+        if not self.training or p == 0:
+            return x
+        keep = torch.rand(x.shape, device=x.device) >= p
+        return x * keep / (1 - p)
 
     def set_normalization(self, mean: Tensor, std: Tensor) -> None:
         self.feature_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
@@ -162,9 +178,9 @@ class CTCModel(nn.Module):
         state = list(state) if state is not None else [None] * len(self.layers)
         for i, layer in enumerate(self.layers):
             if i > 0:
-                main, context = self.dropout(main), self.dropout(context)
+                main, context = self._dropout(main), self._dropout(context)
             main, context, state[i] = layer(main, context, window_lengths, chunk, state[i])
-        logits = self.output(self.dropout(main[:, :num_output]))
+        logits = self.output(self._dropout(main[:, :num_output]))
         return logits.log_softmax(dim=-1), lengths.clamp(max=num_output), state
 
     @property

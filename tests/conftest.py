@@ -32,6 +32,7 @@ TRAINING_EPOCHS = 8  # of 25 steps: the budget within which training must overfi
 
 
 def tiny_train_config(folder: Path, manifest: Path, **overrides):
+    from training.augment import NO_AUGMENT
     from training.trainer import TrainConfig
 
     settings = dict(
@@ -43,6 +44,7 @@ def tiny_train_config(folder: Path, manifest: Path, **overrides):
         learning_rate=0.01,
         warmup_steps=10,
         specaugment=False,
+        augment=NO_AUGMENT,
         cache_dir=str(folder / "cache"),
         workers=1,
         progress=False,

@@ -108,6 +108,7 @@ def main() -> int:
     parser.add_argument("--work-dir", help="keep the training audio and run here (default: a temporary folder)")
     args = parser.parse_args()
 
+    from training.augment import NO_AUGMENT
     from training.trainer import TrainConfig, train
 
     torch.set_num_threads(1)
@@ -129,6 +130,7 @@ def main() -> int:
             learning_rate=0.01,
             warmup_steps=20,
             specaugment=False,
+            augment=NO_AUGMENT,
             cache_dir=str(folder / "cache"),
             workers=1,
             seed=SEED,

@@ -84,3 +84,58 @@ def test_invalid_config_is_rejected():
         ModelConfig(cell="transformer")
     with pytest.raises(ValueError):
         ModelConfig(chunk_frames=-1)
+
+
+def _naive_lc_blstm(model: CTCModel, features: torch.Tensor, length: int) -> torch.Tensor:
+    """The latency-controlled BiLSTM written out frame range by frame range for one utterance: log-probs (T', vocab).
+
+    Layer by layer: the forward LSTM runs over the whole utterance; for chunk k, the backward LSTM runs from zero over
+    the chunk plus the next ``lookahead`` frames *as the layer below computed them for chunk k* (its own forward
+    state continued past the chunk's end, and its own backward window), so every window is computed apart.
+    """
+    config = model.config
+    chunk, lookahead = config.chunk_frames, config.lookahead_frames
+    x = model.subsample(features[None, :length])[0]  # (T', D)
+    frames = x.shape[0]
+    starts = range(0, frames, chunk)
+    windows = [x[s : s + chunk + lookahead] for s in starts]  # per chunk: its frames and its lookahead, as inputs
+    for layer in model.layers:
+        outputs, state = [], None
+        for k, s in enumerate(starts):
+            size = min(chunk, frames - s)
+            main_forward, chunk_state = layer.forward_rnn(windows[k][None, :size], state)
+            context_forward = layer.forward_rnn(windows[k][None, size:], chunk_state)[0] if len(windows[k]) > size else None
+            state = chunk_state
+            backward = layer.backward_rnn(windows[k].flip(0)[None])[0][0].flip(0)
+            forward = main_forward[0] if context_forward is None else torch.cat([main_forward[0], context_forward[0]])
+            outputs.append(torch.cat([forward, backward], 1))
+        windows = outputs
+    main = torch.cat([w[: min(chunk, frames - s)] for w, s in zip(windows, starts)])
+    return model.output(main).log_softmax(-1)
+
+
+def test_batched_training_pass_equals_the_naive_formulation_with_gradients():
+    # What training computes (all chunks of a padded batch at once) must be the model written out window by window:
+    # the same CTC loss and the same gradients, within float tolerance.
+    torch.manual_seed(1)
+    model = CTCModel(ModelConfig(hidden_size=24, num_layers=3, dropout=0.0, chunk_frames=5, lookahead_frames=3)).train()
+    feats = torch.randn(3, 75, 80)
+    lengths = torch.tensor([75, 52, 31])
+    targets = [torch.randint(1, 29, (n,)) for n in (6, 4, 3)]
+    ctc = torch.nn.CTCLoss(zero_infinity=True, reduction="sum")
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    log_probs, out_lengths, _ = model(feats, lengths)
+    batched = gradients(ctc(log_probs.transpose(0, 1), torch.cat(targets), out_lengths, torch.tensor([6, 4, 3])))
+    loss = sum(
+        ctc(_naive_lc_blstm(model, feats[b], int(lengths[b]))[:, None], targets[b], out_lengths[b : b + 1], torch.tensor([len(targets[b])]))
+        for b in range(3)
+    )
+    naive = gradients(loss)
+    torch.testing.assert_close(batched[0], naive[0], rtol=1e-5, atol=1e-4)
+    for got, expected in zip(batched[1], naive[1]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ import torch
 
 from asr.checkpoint import load_model_file
 from tests.conftest import CLIPS, DATA, TRAINING_EPOCHS, tiny_train_config, write_manifest
+from training.augment import AugmentConfig
 from training.data import bucket_batches, build_examples, load_features
 from training.manifest import from_librispeech, from_table, read_manifest
 from training.trainer import train
@@ -36,9 +37,10 @@ def test_training_loss_falls_and_curves_are_written(trained_run):
 
 
 def test_resume_is_exact(tmp_path, overfit_manifest):
-    straight = train(tiny_train_config(tmp_path / "a", overfit_manifest, epochs=2, specaugment=True, model=_small()), log=lambda _m: None)
+    augmented = dict(specaugment=True, augment=AugmentConfig(), model=_small())
+    straight = train(tiny_train_config(tmp_path / "a", overfit_manifest, epochs=2, **augmented), log=lambda _m: None)
     # Stop in the middle of the first epoch, then resume in a new call.
-    config = tiny_train_config(tmp_path / "b", overfit_manifest, epochs=2, specaugment=True, model=_small(), max_steps=13)
+    config = tiny_train_config(tmp_path / "b", overfit_manifest, epochs=2, max_steps=13, **augmented)
     train(config, log=lambda _m: None)
     from dataclasses import replace
 

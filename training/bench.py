@@ -12,6 +12,7 @@ import torch
 
 from asr.model import ModelConfig
 
+from .augment import NO_AUGMENT, AugmentConfig
 from .trainer import TrainConfig, train
 
 
@@ -25,6 +26,8 @@ def training_throughput(
     cache_dir: str,
     chunk_frames: int,
     lookahead_frames: int,
+    amp: bool = True,
+    augment: bool = True,
 ) -> dict:
     """Run the real training loop for ``steps`` steps; report audio seconds per wall second after warm-up."""
     steps = max(steps, 20)
@@ -40,9 +43,12 @@ def training_throughput(
             checkpoint_every=10**9,
             cache_dir=cache_dir,
             device=device,
+            amp=amp,
+            augment=AugmentConfig() if augment else NO_AUGMENT,
             progress=False,
         )
-        train(config, log=lambda _msg: None)
+        messages = []
+        train(config, log=messages.append)
         with (Path(out) / "metrics.csv").open() as handle:
             rows = [r for r in csv.DictReader(handle) if r["split"] == "train"]
     windows = [float(r["audio_sec_per_sec"]) for r in rows[1:]]  # the first window includes warm-up
@@ -52,6 +58,8 @@ def training_throughput(
         "steps": steps,
         "batch_frames": batch_frames,
         "model": model.to_dict(),
+        "augmentation": augment,
+        "precision": next((m.split()[2] for m in messages if m.startswith("computing in")), "float32"),
         "device": torch.cuda.get_device_name()
         if resolved.startswith("cuda")
         else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})",

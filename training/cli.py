@@ -10,34 +10,63 @@ from pathlib import Path
 from asr.cli import add_model_options
 from asr.model import ModelConfig
 
+from .augment import NO_AUGMENT, AugmentConfig
+
 
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train a BiLSTM-CTC model on JSONL manifests",
-        description="Train a stacked (latency-controlled) BiLSTM-CTC model. Run under torchrun for several GPUs/processes.",
+        help="train a BiLSTM-CTC model on JSONL manifests or shard folders",
+        description="Train a stacked (latency-controlled) BiLSTM-CTC model, from scratch or from an existing model (--init). "
+        "Run under torchrun for several GPUs/processes.",
     )
-    p.add_argument("--train", nargs="+", required=True, metavar="MANIFEST", help="training manifests (JSONL)")
-    p.add_argument("--dev", nargs="*", default=[], metavar="MANIFEST", help="validation manifests, scored each epoch")
+    from .trainer import FINETUNE_DEFAULTS, TrainConfig
+
+    t, f = TrainConfig(train_manifests=("-",), output_dir="-"), FINETUNE_DEFAULTS
+    p.add_argument("--train", nargs="+", required=True, metavar="SOURCE", help="training manifests (JSONL) or shard folders")
+    p.add_argument("--dev", nargs="*", default=[], metavar="SOURCE", help="validation manifests or shard folders, scored each epoch")
     p.add_argument("-o", "--output-dir", required=True, help="folder for checkpoints, metrics.csv, curves and model.pt; rerun to resume")
-    d = ModelConfig()
-    p.add_argument("--hidden-size", type=int, default=d.hidden_size)
-    p.add_argument("--num-layers", type=int, default=d.num_layers)
-    p.add_argument("--cell", choices=("lstm", "gru"), default=d.cell)
-    p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument(
-        "--chunk-frames", type=int, default=d.chunk_frames, help="30 ms frames per chunk for the backward direction (0 = full utterance)"
+        "--init",
+        metavar="MODEL",
+        help="fine-tune: start from this model file ('bundled': the bundled English model), keeping its configuration, "
+        "vocabulary and feature normalisation; changes the defaults marked 'fine-tuning'",
     )
-    p.add_argument("--lookahead-frames", type=int, default=d.lookahead_frames, help="30 ms frames of right context")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-frames", type=int, default=40_000, help="padded 10 ms frames per batch and process")
+    d = ModelConfig()
+    shape, kept = " (with --init: the init model's; must not differ)", " (with --init: the init model's)"
+    p.add_argument("--hidden-size", type=int, help=f"default {d.hidden_size}{shape}")
+    p.add_argument("--num-layers", type=int, help=f"default {d.num_layers}{shape}")
+    p.add_argument("--cell", choices=("lstm", "gru"), help=f"default {d.cell}{shape}")
+    p.add_argument("--dropout", type=float, help=f"default {d.dropout}{kept}")
+    p.add_argument(
+        "--chunk-frames",
+        type=int,
+        help=f"30 ms frames per chunk for the backward direction (0 = full utterance); default {d.chunk_frames}{kept}",
+    )
+    p.add_argument("--lookahead-frames", type=int, help=f"30 ms frames of right context; default {d.lookahead_frames}{kept}")
+    p.add_argument("--epochs", type=int, help=f"default {t.epochs}; fine-tuning {f['epochs']}")
+    p.add_argument(
+        "--batch-frames",
+        type=int,
+        help=f"padded 10 ms frames per batch and process; default {t.batch_frames}; fine-tuning {f['batch_frames']}",
+    )
     p.add_argument("--max-utterance-seconds", type=float, default=40.0)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--lr", type=float, help=f"peak learning rate; default {t.learning_rate}; fine-tuning {f['learning_rate']}")
+    p.add_argument("--warmup-steps", type=int, help=f"default {t.warmup_steps}; fine-tuning {f['warmup_steps']}")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--clip-grad-norm", type=float, default=5.0)
     p.add_argument("--no-specaugment", action="store_true")
-    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    a = AugmentConfig()
+    p.add_argument("--speed-perturb", type=float, default=a.speed, help="speed drawn from [1 - X, 1 + X] per utterance (0 = off)")
+    p.add_argument("--gain-prob", type=float, default=a.gain_prob, help=f"probability of a level change of up to ±{a.gain_db:g} dB")
+    p.add_argument(
+        "--noise-prob", type=float, default=a.noise_prob, help=f"probability of added noise at {a.snr_db[0]:g}-{a.snr_db[1]:g} dB SNR"
+    )
+    p.add_argument("--reverb-prob", type=float, default=a.reverb_prob, help="probability of simulated reverberation")
+    p.add_argument("--no-augment", action="store_true", help="none of speed, gain, noise, reverberation (SpecAugment stays)")
+    p.add_argument(
+        "--no-amp", action="store_true", help="float32 throughout (default: bfloat16 on GPUs and CPUs that have it, float16 on older GPUs)"
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     p.add_argument("--cache-dir", default="cache", help="where extracted features are cached")
@@ -49,14 +78,23 @@ def add_train_parser(subparsers) -> None:
     p.set_defaults(handler=run_train)
 
 
+def _given(**settings) -> dict:
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
-    from .trainer import TrainConfig, train
+    from asr.audio import AudioError
+    from asr.checkpoint import CheckpointError, load_model_file
+
+    from .manifest import ManifestError
+    from .shards import ShardError
+    from .trainer import FINETUNE_DEFAULTS, TrainConfig, init_model_config, resolve_init_model, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = ModelConfig(
+    model_settings = _given(
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
         cell=args.cell,
@@ -64,29 +102,46 @@ def run_train(args: argparse.Namespace) -> int:
         chunk_frames=args.chunk_frames,
         lookahead_frames=args.lookahead_frames,
     )
-    config = TrainConfig(
-        train_manifests=tuple(args.train),
-        dev_manifests=tuple(args.dev),
-        output_dir=args.output_dir,
-        model=model,
-        epochs=args.epochs,
-        batch_frames=args.batch_frames,
-        max_utterance_seconds=args.max_utterance_seconds,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        clip_grad_norm=args.clip_grad_norm,
-        specaugment=not args.no_specaugment,
-        amp=not args.no_amp,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        cache_dir=args.cache_dir,
-        workers=args.workers,
-        device=args.device,
-        max_steps=args.max_steps,
-        progress=not args.no_progress,
-    )
-    train(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    schedule = _given(epochs=args.epochs, batch_frames=args.batch_frames, learning_rate=args.lr, warmup_steps=args.warmup_steps)
+    try:
+        if args.init:
+            model = init_model_config(load_model_file(resolve_init_model(args.init)).model.config, **model_settings)
+            schedule = {**FINETUNE_DEFAULTS, **schedule}
+        else:
+            model = ModelConfig(**model_settings)
+        config = TrainConfig(
+            train_manifests=tuple(args.train),
+            dev_manifests=tuple(args.dev),
+            output_dir=args.output_dir,
+            model=model,
+            init_model=args.init or "",
+            **schedule,
+            max_utterance_seconds=args.max_utterance_seconds,
+            weight_decay=args.weight_decay,
+            clip_grad_norm=args.clip_grad_norm,
+            specaugment=not args.no_specaugment,
+            augment=NO_AUGMENT
+            if args.no_augment
+            else AugmentConfig(
+                speed=args.speed_perturb, gain_prob=args.gain_prob, noise_prob=args.noise_prob, reverb_prob=args.reverb_prob
+            ),
+            amp=not args.no_amp,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            cache_dir=args.cache_dir,
+            workers=args.workers,
+            device=args.device,
+            max_steps=args.max_steps,
+            progress=not args.no_progress,
+        )
+    except (CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        train(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ManifestError, ShardError, AudioError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -158,9 +213,50 @@ def add_manifest_parser(subparsers) -> None:
     p.set_defaults(handler=run_manifest)
 
 
+def run_data_shard(args: argparse.Namespace) -> int:
+    from .manifest import ManifestError
+    from .shards import ShardError, write_shards
+
+    try:
+        index = write_shards(args.manifests, args.output_dir, args.max_mb, log=lambda m: print(m, file=sys.stderr))
+    except (ManifestError, ShardError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size = sum(s["bytes"] for s in index["shards"]) / 1e6
+    print(
+        f"wrote {index['utterances']} utterances ({index['hours']:.2f} h) in {len(index['shards'])} shard(s), {size:.1f} MB, "
+        f"to {args.output_dir}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_data_parser(subparsers) -> None:
+    data = subparsers.add_parser("data", help="prepare training data")
+    commands = data.add_subparsers(dest="data_command", required=True)
+    p = commands.add_parser(
+        "shard",
+        help="pack manifests' audio and fields into tar shards (WebDataset layout) that `asr train` reads directly",
+        description="Write every utterance of the manifests (its audio file as stored, plus a .json with its manifest fields) "
+        "into shard-000000.tar, shard-000001.tar, ... of at most --max-mb MB each, and shards.json (counts, hours, SHA-256). "
+        "Copy the folder to another machine and pass it to `asr train --train/--dev`.",
+    )
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST")
+    p.add_argument("-o", "--output-dir", required=True, help="new folder for the shards")
+    p.add_argument("--max-mb", type=float, default=100.0, help="largest shard size in MB (10^6 bytes)")
+    p.set_defaults(handler=run_data_shard)
+    from .synth_cli import add_synth_parser
+
+    add_synth_parser(commands)
+
+
 def run_bench_train(args: argparse.Namespace) -> int:
+    import torch
+
     from .bench import training_throughput
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         json.dumps(
             training_throughput(
@@ -173,6 +269,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
                 args.cache_dir,
                 args.chunk_frames,
                 args.lookahead_frames,
+                amp=not args.no_amp,
+                augment=not args.no_augment,
             ),
             indent=2,
         )
@@ -191,6 +289,9 @@ def add_bench_train_parser(bench_commands) -> None:
     p.add_argument("--chunk-frames", type=int, default=d.chunk_frames)
     p.add_argument("--lookahead-frames", type=int, default=d.lookahead_frames)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--no-amp", action="store_true", help="float32 throughout")
+    p.add_argument("--no-augment", action="store_true", help="without speed, gain, noise and reverberation")
     p.add_argument("--cache-dir", default="cache")
     p.set_defaults(handler=run_bench_train)
 
@@ -320,6 +421,7 @@ def add_bench_accuracy_parser(bench_commands) -> None:
 
 def register(subparsers, bench_commands) -> None:
     add_train_parser(subparsers)
+    add_data_parser(subparsers)
     add_lm_parser(subparsers)
     add_tune_parser(subparsers)
     add_eval_parser(subparsers)

@@ -15,9 +15,10 @@ import torch
 
 from asr.audio import AudioError, load_audio
 from asr.features import FeatureConfig, LogMelExtractor, compute_features
-from asr.text import Vocabulary
+from asr.text import Vocabulary, normalize_text
 
 from .manifest import Utterance, read_manifest
+from .shards import ShardError, iter_shards, shard_fingerprint
 
 CACHE_VERSION = 1
 
@@ -49,10 +50,10 @@ def _init_worker(config: FeatureConfig) -> None:
     _extractor = LogMelExtractor(config)
 
 
-def _featurise(path: Path) -> np.ndarray | str:
+def _featurise(source: Path | bytes) -> np.ndarray | str:
     assert _extractor is not None
     try:
-        return compute_features(load_audio(path), _extractor).astype(np.float16)
+        return compute_features(load_audio(source), _extractor).astype(np.float16)
     except AudioError as error:
         return str(error)
 
@@ -63,12 +64,75 @@ def _cache_key(manifest: Path, config: FeatureConfig) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def load_features(manifest: str | os.PathLike, config: FeatureConfig, cache_dir: str | os.PathLike, workers: int = 1) -> FeatureSet:
-    """Features of every utterance in a manifest, computed once and cached under ``cache_dir``.
+def _save(folder: Path, results: list[np.ndarray], n_mels: int) -> None:
+    offsets = np.zeros(len(results) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in results])
+    np.save(folder / "features.npy", np.concatenate(results) if offsets[-1] else np.zeros((0, n_mels), np.float16))
+    np.save(folder / "offsets.tmp.npy", offsets)
+    os.replace(folder / "offsets.tmp.npy", folder / "offsets.npy")  # written last: marks the cache complete
+
+
+def _load_shard_features(folder: Path, config: FeatureConfig, cache_dir: str | os.PathLike, workers: int) -> FeatureSet:
+    """Features of a shard folder (``asr data shard``), streamed through the tars and cached like a manifest's.
+
+    The cache is keyed by the shards' content (and the folder's name), so a moved or copied folder keeps its cache.
+    """
+    key = json.dumps([CACHE_VERSION, "shards", shard_fingerprint(folder), config.to_dict()])
+    cache = Path(cache_dir) / f"{folder.resolve().name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+    if not (cache / "offsets.npy").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        rows, results = [], []
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (config,)) if workers > 1 else None
+        if pool is None:
+            _init_worker(config)
+        try:
+            pending: list = []
+
+            def flush() -> None:
+                audio = [sample.audio for sample in pending]
+                results.extend(pool.map(_featurise, audio, chunksize=8) if pool else [_featurise(a) for a in audio])
+                pending.clear()
+
+            for sample in iter_shards(folder):
+                fields = sample.fields
+                rows.append(
+                    {
+                        "audio": str(sample.shard / sample.audio_name),
+                        "duration": fields.get("duration"),
+                        "text": normalize_text(str(fields["text"])),
+                        "speaker": str(fields.get("speaker", "")),
+                        "raw_text": str(fields.get("raw_text", fields["text"])),
+                    }
+                )
+                pending.append(sample)
+                if len(pending) >= 64 * max(1, workers):
+                    flush()
+            flush()
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+        errors = [(row["audio"], r) for row, r in zip(rows, results) if isinstance(r, str)]
+        if errors:
+            raise ShardError(f"{len(errors)} unreadable audio member(s) in {folder}, first: {errors[0][0]}: {errors[0][1]}")
+        for row, features in zip(rows, results):
+            if row["duration"] is None:
+                row["duration"] = round(len(features) / 100, 3)
+        (cache / "utterances.json").write_text(json.dumps(rows) + "\n", encoding="utf-8")
+        _save(cache, results, config.n_mels)
+    rows = json.loads((cache / "utterances.json").read_text(encoding="utf-8"))
+    utterances = [Utterance(Path(r["audio"]), float(r["duration"]), r["text"], r["speaker"], r["raw_text"]) for r in rows]
+    return FeatureSet(utterances, np.load(cache / "features.npy", mmap_mode="r"), np.load(cache / "offsets.npy"))
+
+
+def load_features(source: str | os.PathLike, config: FeatureConfig, cache_dir: str | os.PathLike, workers: int = 1) -> FeatureSet:
+    """Features of every utterance of a JSONL manifest or a shard folder, computed once and cached under ``cache_dir``.
 
     Unreadable audio files are reported in the error, never silently dropped.
     """
-    manifest = Path(manifest)
+    if Path(source).is_dir():
+        return _load_shard_features(Path(source), config, cache_dir, workers)
+    manifest = Path(source)
     utterances = read_manifest(manifest)
     folder = Path(cache_dir) / f"{manifest.parent.name}-{manifest.stem}-{_cache_key(manifest, config)}"
     feats_path, offsets_path = folder / "features.npy", folder / "offsets.npy"
@@ -84,11 +148,7 @@ def load_features(manifest: str | os.PathLike, config: FeatureConfig, cache_dir:
         errors = [r for r in results if isinstance(r, str)]
         if errors:
             raise AudioError(f"{len(errors)} unreadable file(s) in {manifest}, first: {errors[0]}")
-        offsets = np.zeros(len(results) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(r) for r in results])
-        np.save(feats_path, np.concatenate(results) if offsets[-1] else np.zeros((0, config.n_mels), np.float16))
-        np.save(offsets_path.with_suffix(".tmp.npy"), offsets)
-        os.replace(offsets_path.with_suffix(".tmp.npy"), offsets_path)  # written last: marks the cache complete
+        _save(folder, results, config.n_mels)
     return FeatureSet(utterances, np.load(feats_path, mmap_mode="r"), np.load(offsets_path))
 
 

@@ -31,6 +31,11 @@ class Utterance:
 
 def read_manifest(path: str | os.PathLike) -> list[Utterance]:
     """Read a JSONL manifest; ``audio`` paths are relative to the manifest's folder."""
+    return [utt for utt, _ in read_manifest_entries(path)]
+
+
+def read_manifest_entries(path: str | os.PathLike) -> list[tuple[Utterance, dict]]:
+    """Like ``read_manifest``, with each line's own JSON object (every field, as written) beside its utterance."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path}")
@@ -43,15 +48,14 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
             try:
                 entry = json.loads(line)
                 raw = str(entry.get("raw_text", entry["text"]))
-                utterances.append(
-                    Utterance(
-                        audio=(root / entry["audio"]).resolve(),
-                        duration=float(entry["duration"]),
-                        text=normalize_text(str(entry["text"])),
-                        speaker=str(entry.get("speaker", "")),
-                        raw_text=raw,
-                    )
+                utterance = Utterance(
+                    audio=(root / entry["audio"]).resolve(),
+                    duration=float(entry["duration"]),
+                    text=normalize_text(str(entry["text"])),
+                    speaker=str(entry.get("speaker", "")),
+                    raw_text=raw,
                 )
+                utterances.append((utterance, entry))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
                 raise ManifestError(f"{path}:{number}: bad manifest line ({error})") from error
     if not utterances:

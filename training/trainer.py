@@ -4,12 +4,13 @@ periodic checkpoints with exact resume, per-epoch validation, DistributedDataPar
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from asr.checkpoint import ModelBundle, save_model
+from asr.checkpoint import ModelBundle, load_model_file, save_model
 from asr.decoding import greedy_decode
 from asr.features import FeatureConfig
 from asr.model import CTCModel, ModelConfig
 from asr.text import Vocabulary
 
+from .augment import AugmentConfig, FeatureAugment
 from .data import (
     FeatureSet,
     SpecAugment,
@@ -33,8 +35,14 @@ from .data import (
     load_features,
 )
 from .metrics import error_rates
+from .precision import training_precision
 
 STATE_FILE = "train_state.pt"
+# Settings for adapting an existing model (``init_model``) to minutes or a few hours of new audio: a lower peak rate
+# that keeps what the model knows, a short warm-up, smaller batches so that there are enough steps, fewer epochs.
+FINETUNE_DEFAULTS = {"epochs": 10, "learning_rate": 5e-4, "warmup_steps": 30, "batch_frames": 4_000}
+# ModelConfig fields that fix the weights' shapes: a fine-tuned model keeps those of the model it starts from.
+SHAPE_FIELDS = ("n_mels", "stack_frames", "hidden_size", "num_layers", "cell", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class TrainConfig:
     output_dir: str
     dev_manifests: tuple[str, ...] = ()
     model: ModelConfig = field(default_factory=ModelConfig)
+    init_model: str = ""  # start from this model file ("bundled": the bundled model): its weights, vocabulary, normalisation
     epochs: int = 10
     batch_frames: int = 40_000  # padded 10 ms frames per batch (per process)
     max_utterance_seconds: float = 40.0
@@ -52,7 +61,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     clip_grad_norm: float = 5.0
     specaugment: bool = True
-    amp: bool = True  # mixed precision, CUDA only
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # speed, gain, noise, reverberation (training/augment.py)
+    amp: bool = True  # mixed precision where the device has a fast lower-precision type (training/precision.py)
     seed: int = 1234
     checkpoint_every: int = 200  # steps
     cache_dir: str = "cache"
@@ -68,6 +78,44 @@ class TrainConfig:
             raise ValueError("epochs >= 1, batch_frames >= 100 and learning_rate > 0 are required")
         if self.clip_grad_norm <= 0:
             raise ValueError("clip_grad_norm must be positive")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_steps < 0 or self.checkpoint_every < 1:
+            raise ValueError("warmup_steps, weight_decay and max_steps must be >= 0 and checkpoint_every >= 1")
+        if not 0 <= self.min_learning_rate_ratio <= 1 or self.max_utterance_seconds <= 0:
+            raise ValueError("min_learning_rate_ratio must be in [0, 1] and max_utterance_seconds positive")
+
+
+def resolve_init_model(name: str) -> Path:
+    """The model file that ``init_model`` names: "bundled" is the bundled English model, anything else a path."""
+    if name == "bundled":
+        from asr.recognizer import BUNDLED_MODEL
+
+        return BUNDLED_MODEL
+    return Path(name)
+
+
+def init_model_config(init: ModelConfig, **settings) -> ModelConfig:
+    """The configuration of a model initialised from one with configuration ``init``, with ``settings`` applied.
+
+    Raises ValueError when a setting would change the shape of the weights (``SHAPE_FIELDS``); dropout, chunk
+    and lookahead may change.
+    """
+    differing = [k for k in SHAPE_FIELDS if k in settings and settings[k] != getattr(init, k)]
+    conflicts = [f"{k}={settings[k]!r} (it has {getattr(init, k)!r})" for k in differing]
+    if conflicts:
+        raise ValueError(
+            "the model to initialise from has a different shape: "
+            + ", ".join(conflicts)
+            + "; fine-tuning keeps the initial model's configuration (leave the shape settings out)"
+        )
+    return replace(init, **settings)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -210,8 +258,14 @@ def train(config: TrainConfig, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
 
-    feature_config = FeatureConfig()
-    vocabulary = Vocabulary()
+    init, init_digest = None, ""
+    if config.init_model:
+        init_path = resolve_init_model(config.init_model)
+        init = load_model_file(init_path)
+        init_digest = _file_digest(init_path)
+        init_model_config(init.model.config, **asdict(config.model))  # raises for a different shape
+    feature_config = init.feature_config if init is not None else FeatureConfig()
+    vocabulary = init.vocabulary if init is not None else Vocabulary()
     if config.model.vocab_size != len(vocabulary):
         raise ValueError(f"model vocab_size must be {len(vocabulary)}")
     # Rank 0 extracts features first; the others then read its cache.
@@ -232,17 +286,25 @@ def train(config: TrainConfig, log=print) -> Path:
         log(f"training on {len(examples)} utterances ({hours:.2f} h), skipped {skipped}; {world_size} process(es) on {device}")
 
     model = CTCModel(config.model)
-    mean, std = feature_statistics(train_sets)
-    model.set_normalization(torch.from_numpy(mean), torch.from_numpy(std))
+    if init is not None:  # its weights and feature normalisation, kept as they are
+        model.load_state_dict(init.model.state_dict())
+        if main_process:
+            log(f"initialised from {config.init_model} ({init_digest})")
+    else:
+        mean, std = feature_statistics(train_sets)
+        model.set_normalization(torch.from_numpy(mean), torch.from_numpy(std))
     model.to(device)
     ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = len(bucket_batches(examples, config.batch_frames, config.seed, 0, rank, world_size))
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
-    use_amp = config.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    precision = training_precision(device, config.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
+    if main_process:
+        log(f"computing in {precision.name}" + (" with loss scaling" if precision.loss_scaling else ""))
     augment = SpecAugment().to(device) if config.specaugment else None
+    perturb = FeatureAugment(config.augment, feature_config).to(device) if config.augment.enabled else None
     ctc_loss = torch.nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
 
     epoch, step_in_epoch, global_step, best_wer = 0, 0, 0, math.inf
@@ -251,6 +313,8 @@ def train(config: TrainConfig, log=print) -> Path:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state["config"] != json.dumps(asdict(config.model)):
             raise ValueError(f"{state_path} was written for a different model configuration; use a new output folder")
+        if state.get("init", "") != init_digest:
+            raise ValueError(f"{state_path} was written for a run with a different initial model; use a new output folder")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -268,6 +332,12 @@ def train(config: TrainConfig, log=print) -> Path:
         "device": str(device.type),
         "world_size": world_size,
     }
+    if init is not None:
+        metadata["initialised_from"] = {
+            "model": config.init_model,
+            "sha256": init_digest,
+            **{k: init.metadata[k] for k in ("train_manifests", "train_hours", "steps", "initialised_from") if k in init.metadata},
+        }
 
     def bundle(extra: dict) -> ModelBundle:
         return ModelBundle(model, feature_config, vocabulary, {**metadata, **extra})
@@ -282,6 +352,7 @@ def train(config: TrainConfig, log=print) -> Path:
             return
         state = {
             "config": json.dumps(asdict(config.model)),
+            "init": init_digest,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -313,10 +384,12 @@ def train(config: TrainConfig, log=print) -> Path:
             batch = collate(train_sets, examples, batches[batch_index])
             feats = batch["features"].to(device, non_blocking=True)
             lengths = batch["lengths"].to(device)
+            if perturb is not None:
+                feats, lengths = perturb(feats, lengths)
             if augment is not None:
                 normalised = (feats - model.feature_mean) / model.feature_std
                 feats = augment(normalised) * model.feature_std + model.feature_mean
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
                 log_probs, out_lengths, _ = ddp_model(feats, lengths)
             loss_sum = ctc_loss(
                 log_probs.float().transpose(0, 1), batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device)

@@ -1,0 +1,88 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from asr.checkpoint import ModelBundle, load_model_file, save_model
+from asr.features import FeatureConfig
+from asr.model import CTCModel, ModelConfig
+from asr.text import Vocabulary
+from tests.conftest import tiny_train_config, write_manifest
+from training.trainer import FINETUNE_DEFAULTS, TrainConfig, init_model_config, train
+
+SMALL = ModelConfig(hidden_size=16, num_layers=1, dropout=0.2, chunk_frames=4, lookahead_frames=2)
+LR = 1e-3
+
+
+@pytest.fixture
+def init_model(tmp_path):
+    """A small model with a feature normalisation no training set would give, and metadata of its own."""
+    torch.manual_seed(7)
+    model = CTCModel(SMALL)
+    model.set_normalization(torch.linspace(-8, -2, SMALL.n_mels), torch.linspace(1, 3, SMALL.n_mels))
+    path = tmp_path / "init.pt"
+    save_model(ModelBundle(model, FeatureConfig(), Vocabulary(), {"train_manifests": ["corpus/train"], "steps": 7}), path)
+    return path
+
+
+def _config(tmp_path, manifest, init, name, **overrides):
+    settings = dict(model=SMALL, init_model=str(init), learning_rate=LR, warmup_steps=0, epochs=2)
+    return tiny_train_config(tmp_path / name, manifest, **{**settings, **overrides})
+
+
+def test_fine_tuning_starts_from_the_models_weights_and_normalisation(tmp_path, overfit_manifest, init_model):
+    result = train(_config(tmp_path, overfit_manifest, init_model, "one-step", max_steps=1), log=lambda _m: None)
+    before, after = load_model_file(init_model), load_model_file(result)
+    assert after.model.config == before.model.config
+    start, end = before.model.state_dict(), after.model.state_dict()
+    for name in ("feature_mean", "feature_std"):  # kept, not recomputed from the training data
+        torch.testing.assert_close(end[name], start[name], rtol=0, atol=0)
+    # One AdamW step moves each weight by at most about the learning rate: training began at the init weights.
+    moved = max(float((end[k] - start[k]).abs().max()) for k in start if k not in ("feature_mean", "feature_std"))
+    assert 0 < moved <= 2 * LR
+    record = after.metadata["initialised_from"]
+    assert record["model"] == str(init_model) and len(record["sha256"]) == 16
+    assert record["train_manifests"] == ["corpus/train"] and record["steps"] == 7
+
+
+def test_fine_tuning_resumes_exactly_and_refuses_a_different_shape(tmp_path, overfit_manifest, init_model):
+    straight = train(_config(tmp_path, overfit_manifest, init_model, "a", specaugment=True), log=lambda _m: None)
+    config = _config(tmp_path, overfit_manifest, init_model, "b", specaugment=True, max_steps=13)
+    train(config, log=lambda _m: None)
+    resumed = train(replace(config, max_steps=0), log=lambda _m: None)
+    a, b = load_model_file(straight).model.state_dict(), load_model_file(resumed).model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+    other = _config(tmp_path, overfit_manifest, init_model, "c", model=replace(SMALL, hidden_size=32))
+    with pytest.raises(ValueError, match="hidden_size=32 .it has 16"):
+        train(other, log=lambda _m: None)
+    # Resuming with another initial model is refused like a different configuration.
+    save_model(ModelBundle(CTCModel(SMALL), FeatureConfig(), Vocabulary()), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="different initial model"):
+        train(replace(config, init_model=str(tmp_path / "other.pt")), log=lambda _m: None)
+
+
+def test_init_model_config_keeps_the_shape_and_allows_latency_and_dropout_changes():
+    assert init_model_config(SMALL, dropout=0.0, chunk_frames=8, lookahead_frames=3) == replace(
+        SMALL, dropout=0.0, chunk_frames=8, lookahead_frames=3
+    )
+    assert init_model_config(SMALL, hidden_size=16) == SMALL
+    with pytest.raises(ValueError, match="num_layers=2 .it has 1.*cell='gru'"):
+        init_model_config(SMALL, num_layers=2, cell="gru")
+    TrainConfig(train_manifests=("m",), output_dir="o", init_model="bundled", **FINETUNE_DEFAULTS)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(train_manifests=("m",), output_dir="o", warmup_steps=-1)
+
+
+def test_train_cli_init_bundled(tmp_path, capsys):
+    from asr.cli import main
+
+    manifest = write_manifest(tmp_path / "m.jsonl", {"how_much_was_it.opus": "how much was it"})
+    common = ["train", "--train", str(manifest), "-o", str(tmp_path / "run"), "--no-progress"]
+    assert main([*common, "--init", "bundled", "--hidden-size", "256", "--num-layers", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "hidden_size=256 (it has 224)" in err and "num_layers" not in err  # 4 layers is the bundled model's own
+    assert main([*common, "--init", str(tmp_path / "missing.pt")]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
