@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asr.audio import SAMPLE_RATE, load_audio  # noqa: E402
 from asr.checkpoint import load_model_file, save_model  # noqa: E402
 from asr.endpoint import PAUSE_SECONDS  # noqa: E402
-from tests.conftest import CLIPS, DATA, TINY_MODEL, TINY_MODEL_FILE, quiet_noise, write_manifest  # noqa: E402
+from tests.conftest import CLIPS, DATA, TINY_MODEL_FILE, quiet_noise, tiny_train_config, write_manifest  # noqa: E402
 
 MIN_MARGIN = 0.5  # nats: see text_margin
 SEED = 20261202
@@ -108,8 +108,7 @@ def main() -> int:
     parser.add_argument("--work-dir", help="keep the training audio and run here (default: a temporary folder)")
     args = parser.parse_args()
 
-    from training.augment import NO_AUGMENT
-    from training.trainer import TrainConfig, train
+    from training.trainer import train
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(SEED)
@@ -121,22 +120,8 @@ def main() -> int:
             sf.write(folder / f"{i:03d}.wav", audio, SAMPLE_RATE)
             clips[str(folder / f"{i:03d}.wav")] = text
         manifest = write_manifest(folder / "train.jsonl", clips)
-        config = TrainConfig(
-            train_manifests=(str(manifest),),
-            output_dir=str(folder / "run"),
-            model=TINY_MODEL,
-            epochs=args.epochs,
-            batch_frames=1500,
-            learning_rate=0.01,
-            warmup_steps=20,
-            specaugment=False,
-            augment=NO_AUGMENT,
-            cache_dir=str(folder / "cache"),
-            workers=1,
-            seed=SEED,
-            checkpoint_every=10**6,
-            progress=False,
-        )
+        # float32 (amp=False) whatever the CPU, so that the script gives the same model wherever bfloat16 exists or not
+        config = tiny_train_config(folder, manifest, epochs=args.epochs, batch_frames=1500, warmup_steps=20, seed=SEED, amp=False)
         model_path = train(config, log=lambda message: print(message, file=sys.stderr))
         bundle = load_model_file(model_path)
         margins = frame_margins(model_path)
