@@ -52,7 +52,8 @@ def _archive_bytes(members: int) -> int:
     return -(-(members + 2 * BLOCK) // RECORD) * RECORD
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -100,7 +101,7 @@ class _ShardWriter:
         if size > self.max_bytes:  # cannot happen unless tarfile changes its layout
             raise ShardError(f"{final} is {size} bytes, over the {self.max_bytes}-byte limit")
         entry = {"name": final.name, "utterances": self.count, "hours": round(self.seconds / 3600, 5), "bytes": size}
-        self.shards.append({**entry, "sha256": _sha256(final)})
+        self.shards.append({**entry, "sha256": file_sha256(final)})
         if self.log:
             self.log(f"{final.name}: {self.count} utterances, {size / 1e6:.1f} MB")
 
@@ -211,7 +212,7 @@ def shard_fingerprint(folder: str | os.PathLike) -> str:
     if index is not None and all("sha256" in s for s in index["shards"]):
         parts = [(s["name"], s["bytes"], s["sha256"]) for s in index["shards"]]
     else:
-        parts = [(f.name, f.stat().st_size, _sha256(f)) for f in files]
+        parts = [(f.name, f.stat().st_size, file_sha256(f)) for f in files]
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()
 
 

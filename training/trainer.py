@@ -4,7 +4,6 @@ periodic checkpoints with exact resume, per-epoch validation, DistributedDataPar
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from .data import (
 )
 from .metrics import error_rates
 from .precision import training_precision
+from .shards import file_sha256
 
 STATE_FILE = "train_state.pt"
 # Settings for adapting an existing model (``init_model``) to minutes or a few hours of new audio: a lower peak rate
@@ -108,14 +108,6 @@ def init_model_config(init: ModelConfig, **settings) -> ModelConfig:
             + "; fine-tuning keeps the initial model's configuration (leave the shape settings out)"
         )
     return replace(init, **settings)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -262,7 +254,7 @@ def train(config: TrainConfig, log=print) -> Path:
     if config.init_model:
         init_path = resolve_init_model(config.init_model)
         init = load_model_file(init_path)
-        init_digest = _file_digest(init_path)
+        init_digest = file_sha256(init_path)[:16]
         init_model_config(init.model.config, **asdict(config.model))  # raises for a different shape
     feature_config = init.feature_config if init is not None else FeatureConfig()
     vocabulary = init.vocabulary if init is not None else Vocabulary()
