@@ -96,3 +96,14 @@ def test_eval_reports_wer_cer_and_rtf(tmp_path, tiny_model):
 def test_unknown_format_is_a_usage_error():
     result = asr("transcribe", str(DATA / "how_much_was_it.opus"), "-f", "docx")
     assert result.returncode == 2 and b"unknown format" in result.stderr
+
+
+def test_eval_with_a_grammar_says_so(tmp_path, tiny_model):
+    from tests.conftest import write_manifest
+
+    manifest = write_manifest(tmp_path / "m.jsonl", CLIPS)
+    grammar = ",".join([*CLIPS.values(), "[unk]"])
+    result = asr("eval", str(manifest), "--model", str(tiny_model), "--grammar", grammar, "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads((tmp_path / "r.json").read_text())[0]["wer"] == 0.0
+    assert "decoder: grammar of 2 phrase(s) and [unk]" in result.stdout.decode()

@@ -171,7 +171,10 @@ def run_eval(args: argparse.Namespace) -> int:
     for r in results:
         hours = r["audio_seconds"] / 3600
         print(f"{r['manifest']:45s} {r['utterances']:5d} {hours:6.2f} {100 * r['wer']:7.2f} {100 * r['cer']:7.2f} {r['rtf']:7.4f}")
-    print(f"decoder: {recognizer.decoder_name}; torch threads: {torch.get_num_threads()}")
+    decoder = recognizer.decoder_name
+    if recognizer.grammar is not None:
+        decoder = f"grammar of {len(recognizer.grammar.phrases)} phrase(s)" + (" and [unk]" if recognizer.grammar.unk else "")
+    print(f"decoder: {decoder}; torch threads: {torch.get_num_threads()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 1 if failed else 0
