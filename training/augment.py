@@ -105,7 +105,7 @@ class FeatureAugment(torch.nn.Module):
         device = features.device
         speed = _uniform(1 - self.config.speed, 1 + self.config.speed, batch, device)  # (B,)
         # Frequency: output bin m shows the input at centre[m] / speed, linearly between the two nearest bins.
-        source = torch.stack([_interp(self.centres / s, self.centres) for s in speed])  # (B, M) fractional bins
+        source = _interp(self.centres / speed.unsqueeze(1), self.centres)  # (B, M) fractional input bins
         low = source.floor().clamp(0, bins - 1)
         frac = (source - low).clamp(0, 1)
         low = low.long()

@@ -13,6 +13,7 @@ import torch
 from asr.model import ModelConfig
 
 from .augment import NO_AUGMENT, AugmentConfig
+from .precision import training_precision
 from .trainer import TrainConfig, train
 
 
@@ -47,8 +48,7 @@ def training_throughput(
             augment=AugmentConfig() if augment else NO_AUGMENT,
             progress=False,
         )
-        messages = []
-        train(config, log=messages.append)
+        train(config, log=lambda _msg: None)
         with (Path(out) / "metrics.csv").open() as handle:
             rows = [r for r in csv.DictReader(handle) if r["split"] == "train"]
     windows = [float(r["audio_sec_per_sec"]) for r in rows[1:]]  # the first window includes warm-up
@@ -59,7 +59,7 @@ def training_throughput(
         "batch_frames": batch_frames,
         "model": model.to_dict(),
         "augmentation": augment,
-        "precision": next((m.split()[2] for m in messages if m.startswith("computing in")), "float32"),
+        "precision": training_precision(torch.device(resolved), amp).name,
         "device": torch.cuda.get_device_name()
         if resolved.startswith("cuda")
         else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})",
