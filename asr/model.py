@@ -64,12 +64,84 @@ def _reverse_valid(x: Tensor, lengths: Tensor) -> Tensor:
     return reversed_
 
 
+def linear_scan(decay: Tensor, drive: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """Inclusive scan of c[t] = decay[t] * c[t-1] + drive[t] along dim, from c[-1] = 0 (Hillis-Steele).
+
+    Returns (the products of decay up to each t, c[t]); log2(steps) vectorised steps instead of a loop over time.
+    """
+    steps, offset = decay.shape[dim], 1
+    while offset < steps:
+        earlier_decay = decay.narrow(dim, 0, steps - offset)
+        earlier_drive = drive.narrow(dim, 0, steps - offset)
+        head_decay, head_drive = decay.narrow(dim, 0, offset), drive.narrow(dim, 0, offset)
+        tail_decay, tail_drive = decay.narrow(dim, offset, steps - offset), drive.narrow(dim, offset, steps - offset)
+        drive = torch.cat([head_drive, tail_drive + tail_decay * earlier_drive], dim=dim)
+        decay = torch.cat([head_decay, tail_decay * earlier_decay], dim=dim)
+        offset *= 2
+    return decay, drive
+
+
 class ChunkedBiRNNLayer(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, cell: str) -> None:
         super().__init__()
         rnn = nn.LSTM if cell == "lstm" else nn.GRU
         self.forward_rnn = rnn(input_size, hidden_size, batch_first=True)
         self.backward_rnn = rnn(input_size, hidden_size, batch_first=True)
+        # How the forward RNN runs over the chunks; None: in one call on a GPU (where a call per chunk is
+        # launch-bound), one call per chunk on the CPU (where recomputing the LSTM cell states costs more).
+        self.whole_sequence_forward: bool | None = None
+
+    def _forward_chunk_by_chunk(self, main: Tensor, chunk: int, state) -> tuple[Tensor, object, object]:
+        """One forward-RNN call per chunk.
+
+        main (B, N*C, D) -> outputs (B, N*C, H), the state at every chunk end ((1, B*N, H), batch-major like the
+        windows; a tuple (h, c) for an LSTM) and the state after the last chunk.
+        """
+        forward_parts, chunk_states = [], []
+        for start in range(0, main.shape[1], chunk):
+            out, state = self.forward_rnn(main[:, start : start + chunk], state)
+            forward_parts.append(out)
+            chunk_states.append(state)
+
+        def stack(states):  # per-chunk (1, B, H) -> (1, B*N, H)
+            return torch.stack(states, dim=2).flatten(1, 2)
+
+        if isinstance(state, tuple):
+            ends = tuple(stack([s[i] for s in chunk_states]) for i in range(2))
+        else:
+            ends = stack(chunk_states)
+        return torch.cat(forward_parts, dim=1), ends, state
+
+    def _forward_whole_sequence(self, main: Tensor, chunk: int, state) -> tuple[Tensor, object, object]:
+        """The same as _forward_chunk_by_chunk with one forward-RNN call over all chunks (one cuDNN kernel on a GPU).
+
+        A GRU's state is its output. An LSTM's cell state at each chunk end is recomputed from the outputs:
+        with the gates i, f, g of step t (from x[t] and h[t-1]), c[t] = f[t] * c[t-1] + i[t] * g[t] is a linear
+        recurrence, scanned in parallel within each chunk and then across chunks. Exact up to rounding, and
+        autograd differentiates the same function.
+        """
+        batch, frames, _ = main.shape
+        n_chunks = frames // chunk
+        out, final = self.forward_rnn(main, state)
+        ends = torch.arange(chunk - 1, frames, chunk, device=main.device)
+        h_ends = out[:, ends].reshape(1, batch * n_chunks, -1)
+        if not isinstance(final, tuple):
+            return out, h_ends.to(final.dtype), final
+        rnn, hidden = self.forward_rnn, self.forward_rnn.hidden_size
+        h0, c0 = state if state is not None else (out.new_zeros(1, batch, hidden), out.new_zeros(1, batch, hidden))
+        previous_h = torch.cat([h0.transpose(0, 1).to(out.dtype), out[:, :-1]], dim=1)
+        # PyTorch's gate order is i, f, g, o; o is not needed for c
+        gates = nn.functional.linear(main, rnn.weight_ih_l0[: 3 * hidden], rnn.bias_ih_l0[: 3 * hidden]) + nn.functional.linear(
+            previous_h, rnn.weight_hh_l0[: 3 * hidden], rnn.bias_hh_l0[: 3 * hidden]
+        )
+        precise = torch.promote_types(gates.dtype, torch.float32)  # the scan in at least float32, also under autocast
+        i, f, g = gates.to(precise).view(batch, n_chunks, chunk, 3, hidden).unbind(3)
+        decay, drive = f.sigmoid(), i.sigmoid() * g.tanh()
+        chunk_decay, chunk_drive = linear_scan(decay, drive, dim=2)  # within each chunk, from zero
+        chunk_decay, chunk_drive = chunk_decay[:, :, -1], chunk_drive[:, :, -1]  # (B, N, H)
+        total_decay, c_ends = linear_scan(chunk_decay, chunk_drive, dim=1)  # across chunks
+        c_ends = c_ends + total_decay * c0.transpose(0, 1).to(precise)
+        return out, (h_ends.to(final[0].dtype), c_ends.reshape(1, batch * n_chunks, -1).to(final[1].dtype)), final
 
     def forward(self, main: Tensor, context: Tensor, window_lengths: Tensor, chunk: int, state) -> tuple[Tensor, Tensor, object]:
         """main (B, N*C, D), context (B, N, R, D), window_lengths (B*N,) -> outputs of width 2H.
@@ -78,12 +150,9 @@ class ChunkedBiRNNLayer(nn.Module):
         """
         batch, frames, dim = main.shape
         n_chunks, lookahead = context.shape[1], context.shape[2]
-        forward_parts, chunk_states = [], []
-        for start in range(0, frames, chunk):
-            out, state = self.forward_rnn(main[:, start : start + chunk], state)
-            forward_parts.append(out)
-            chunk_states.append(state)
-        forward_main = torch.cat(forward_parts, dim=1)
+        whole = main.is_cuda if self.whole_sequence_forward is None else self.whole_sequence_forward
+        run = self._forward_whole_sequence if whole and n_chunks > 1 else self._forward_chunk_by_chunk
+        forward_main, chunk_ends, state = run(main, chunk, state)
 
         windows = torch.cat([main.view(batch, n_chunks, chunk, dim), context], dim=2)
         windows = windows.reshape(batch * n_chunks, chunk + lookahead, dim)
@@ -96,14 +165,7 @@ class ChunkedBiRNNLayer(nn.Module):
             return main_out, context.new_zeros(batch, n_chunks, 0, main_out.shape[2]), state
 
         # The forward direction over the right context continues from each chunk's end state.
-        def stack(states):  # per-chunk (1, B, H) -> (1, N*B, H), ordered batch-major like windows
-            return torch.stack(states, dim=2).flatten(1, 2)
-
-        if isinstance(state, tuple):
-            init = tuple(stack([s[i] for s in chunk_states]) for i in range(2))
-        else:
-            init = stack(chunk_states)
-        forward_context = self.forward_rnn(context.reshape(batch * n_chunks, lookahead, dim), init)[0]
+        forward_context = self.forward_rnn(context.reshape(batch * n_chunks, lookahead, dim), chunk_ends)[0]
         context_out = torch.cat([forward_context.view(batch, n_chunks, lookahead, -1), backward[:, :, chunk:]], dim=3)
         return main_out, context_out, state
 

@@ -6,7 +6,7 @@ import soxr
 import torch
 
 from asr.audio import SAMPLE_RATE, load_audio
-from asr.features import FeatureConfig, LogMelExtractor, compute_features
+from asr.features import LOG_FLOOR, FeatureConfig, LogMelExtractor, compute_features
 from tests.conftest import DATA
 from training.augment import NO_AUGMENT, AugmentConfig, FeatureAugment
 
@@ -50,12 +50,20 @@ def test_speed_perturbation_matches_really_resampled_audio(speech, speed, monkey
     assert perturbed < 0.6 and perturbed < untouched / 4, (float(perturbed), float(untouched))
 
 
-def test_speed_changes_lengths_within_the_range(speech):
-    feats, lengths = batch_of(features_of(speech), 16)
+def test_speed_changes_lengths_within_the_range_one_speed_per_batch(speech):
+    feats, lengths = batch_of(features_of(speech), 4)
+    lengths[1] = lengths[0] // 2  # a shorter utterance in the same batch
+    augment = FeatureAugment(AugmentConfig(**{**ONLY, "speed": 0.1}), FeatureConfig())
     torch.manual_seed(0)
-    _, out_lengths = FeatureAugment(AugmentConfig(**{**ONLY, "speed": 0.1}), FeatureConfig())(feats, lengths)
-    ratios = lengths.float() / out_lengths.float()
-    assert ((ratios > 0.89) & (ratios < 1.11)).all() and len(set(out_lengths.tolist())) > 4
+    seen = set()
+    for _ in range(12):
+        out, out_lengths = augment(feats, lengths)
+        ratios = lengths.float() / out_lengths.float()
+        assert ((ratios > 0.89) & (ratios < 1.11)).all()
+        assert out.shape[1] == out_lengths.max()  # no row is padded beyond the longest
+        assert abs(float(ratios[1] - ratios[0])) < 0.02  # every utterance of a batch at the same speed
+        seen.add(int(out_lengths[0]))
+    assert len(seen) > 6  # batches get different speeds
 
 
 def test_gain_shifts_log_power_by_a_constant(speech):
@@ -109,3 +117,23 @@ def test_invalid_settings_are_rejected():
         AugmentConfig(speed=0.7)
     with pytest.raises(ValueError, match="low, high"):
         AugmentConfig(snr_db=(30.0, 5.0))
+
+
+def test_reverberation_is_the_first_order_recursion(speech, monkeypatch):
+    """The parallel scan computes tail[t] = decay * (tail[t - 1] + direct[t - 1]), written out here frame by frame."""
+    import training.augment
+
+    rt60, direct_to_reverb_db = 0.5, 3.0
+    draws = iter([torch.tensor([rt60, rt60]), torch.tensor([direct_to_reverb_db, direct_to_reverb_db])])
+    monkeypatch.setattr(training.augment, "_uniform", lambda low, high, size, device: next(draws))
+    feats, lengths = batch_of(features_of(speech), 2)
+    augment = FeatureAugment(AugmentConfig(**{**ONLY, "reverb_prob": 1.0}), FeatureConfig())
+    out, _ = augment(feats, lengths)
+    power = feats.double().exp()
+    decay = math.exp(-6.9 * FeatureConfig().frame_shift / rt60)
+    scale = 10 ** (-direct_to_reverb_db / 10) * (1 - decay) / decay
+    expected, tail = power.clone(), torch.zeros_like(power[:, 0])
+    for t in range(1, power.shape[1]):
+        tail = decay * (tail + power[:, t - 1])
+        expected[:, t] += scale * tail
+    torch.testing.assert_close(out.double(), expected.clamp_min(LOG_FLOOR).log(), rtol=1e-4, atol=1e-4)

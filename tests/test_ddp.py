@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,17 @@ def test_two_process_ddp_training_with_gloo(tmp_path):
     bundle = load_model_file(tmp_path / "run" / "model.pt")
     assert bundle.metadata["world_size"] == 2
     assert bundle.metadata["steps"] == 4  # 8 utterances, 2 per batch, split over 2 ranks, 2 epochs
+
+
+def test_bench_train_runs_the_training_loop_in_two_processes(tmp_path):
+    """`asr bench train --processes 2`: two gloo processes run the real loop; throughput counts both ranks' audio."""
+    manifest = write_manifest(tmp_path / "train.jsonl", CLIPS, repeat=20)
+    command = [sys.executable, "-m", "asr", "bench", "train", str(manifest), "--processes", "2", "--threads", "1"]
+    command += ["--hidden-size", "16", "--num-layers", "1", "--batch-frames", "200", "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["processes"] == 2 and report["steps"] == 20
+    assert report["device"].startswith("cpu (2 x 1 threads")
+    assert report["model"]["hidden_size"] == 16
+    assert report["audio_sec_per_wall_sec"] > 0

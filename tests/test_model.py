@@ -114,11 +114,14 @@ def _naive_lc_blstm(model: CTCModel, features: torch.Tensor, length: int) -> tor
     return model.output(main).log_softmax(-1)
 
 
-def test_batched_training_pass_equals_the_naive_formulation_with_gradients():
+@pytest.mark.parametrize("whole_sequence", [False, True], ids=["forward-chunk-by-chunk", "forward-whole-sequence"])
+def test_batched_training_pass_equals_the_naive_formulation_with_gradients(whole_sequence):
     # What training computes (all chunks of a padded batch at once) must be the model written out window by window:
-    # the same CTC loss and the same gradients, within float tolerance.
+    # the same CTC loss and the same gradients, within float tolerance, with either formulation of the forward RNN.
     torch.manual_seed(1)
     model = CTCModel(ModelConfig(hidden_size=24, num_layers=3, dropout=0.0, chunk_frames=5, lookahead_frames=3)).train()
+    for layer in model.layers:
+        layer.whole_sequence_forward = whole_sequence
     feats = torch.randn(3, 75, 80)
     lengths = torch.tensor([75, 52, 31])
     targets = [torch.randint(1, 29, (n,)) for n in (6, 4, 3)]
@@ -139,3 +142,29 @@ def test_batched_training_pass_equals_the_naive_formulation_with_gradients():
     torch.testing.assert_close(batched[0], naive[0], rtol=1e-5, atol=1e-4)
     for got, expected in zip(batched[1], naive[1]):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_whole_sequence_forward_equals_chunk_by_chunk_from_a_carried_state(cell):
+    """The GPU formulation (one forward-RNN call, LSTM cell states at chunk ends recomputed by a parallel scan) gives
+    the chunk-by-chunk results, state and gradients to float64 rounding, also when a stream's state is carried in."""
+    torch.manual_seed(2)
+    model = CTCModel(ModelConfig(hidden_size=16, num_layers=2, cell=cell, dropout=0.0, chunk_frames=4, lookahead_frames=3)).double()
+    feats = torch.randn(2, 3 * 41, 80, dtype=torch.float64)
+    lengths = torch.tensor([123, 70])
+    with torch.no_grad():
+        _, _, carried = model(torch.randn(2, 30, 80, dtype=torch.float64), torch.tensor([30, 30]))
+    weights = torch.rand(2, 41, 29, dtype=torch.float64)
+    results = []
+    for whole_sequence in (False, True):
+        for layer in model.layers:
+            layer.whole_sequence_forward = whole_sequence
+        model.zero_grad()
+        log_probs, _, state = model(feats, lengths, state=carried)
+        (log_probs * weights).sum().backward()
+        results.append((log_probs.detach(), state, [p.grad.clone() for p in model.parameters()]))
+    (chunked, chunked_state, chunked_grads), (whole, whole_state, whole_grads) = results
+    torch.testing.assert_close(whole, chunked, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole_state, chunked_state, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(whole_grads, chunked_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -3,8 +3,8 @@
 Everything works on the cached librosa log-mel features (natural-log mel power), so an epoch costs no new
 audio decoding or STFTs, on the CPU or the GPU alike:
 
-- **speed** (0.9-1.1): audio played ``a`` times faster has every frequency times ``a`` and lasts ``1/a`` as long;
-  the mel axis is resampled at ``f / a`` and the time axis at ``t * a`` (linear interpolation of log-mel).
+- **speed** (0.9-1.1, one draw per batch): audio played ``a`` times faster has every frequency times ``a`` and lasts
+  ``1/a`` as long; the mel axis is resampled at ``f / a`` and the time axis at ``t * a`` (linear interpolation of log-mel).
 - **gain**: a level change is a constant added to log power.
 - **noise** at a random SNR against the utterance's mean power: white, pink or brown spectra, or babble (another
   utterance of the batch), with the frame-to-frame fluctuation of a noise power spectrum; powers add.
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from asr.features import LOG_FLOOR, FeatureConfig
+from asr.model import linear_scan
 
 FLUCTUATION_SIGMA = math.sqrt(math.log(1.25))
 
@@ -103,7 +104,9 @@ class FeatureAugment(torch.nn.Module):
     def _speed(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         batch, frames, bins = features.shape
         device = features.device
-        speed = _uniform(1 - self.config.speed, 1 + self.config.speed, batch, device)  # (B,)
+        # One speed for the whole batch: per-utterance speeds would pad every row to the slowest one's length,
+        # about 10 % more frames to compute for the same audio (the batches hold utterances of similar length).
+        speed = _uniform(1 - self.config.speed, 1 + self.config.speed, 1, device).expand(batch)  # (B,)
         # Frequency: output bin m shows the input at centre[m] / speed, linearly between the two nearest bins.
         source = _interp(self.centres / speed.unsqueeze(1), self.centres)  # (B, M) fractional input bins
         low = source.floor().clamp(0, bins - 1)
@@ -137,13 +140,12 @@ class FeatureAugment(torch.nn.Module):
         decay = torch.exp(-6.9 * self.frame_seconds / rt60).unsqueeze(1)  # (R, 1)
         ratio = 10 ** (-_uniform(*c.direct_to_reverb_db, len(rows), device) / 10)
         scale = (ratio * (1 - decay[:, 0]) / decay[:, 0]).unsqueeze(1)  # 1 / sum of decay^k for k >= 1
-        direct = power[rows]
-        out = direct.clone()
-        tail = torch.zeros_like(direct[:, 0])
-        for t in range(1, direct.shape[1]):
-            tail = decay * (tail + direct[:, t - 1])
-            out[:, t] += scale * tail
-        return power.index_copy(0, rows, out)
+        direct = power[rows]  # (R, T, M)
+        # tail[t] = decay * (tail[t - 1] + direct[t - 1]), as a parallel scan over time
+        previous = torch.nn.functional.pad(direct[:, :-1], (0, 0, 1, 0))
+        factor = decay.unsqueeze(2).expand_as(direct)
+        _, tail = linear_scan(factor, factor * previous, dim=1)
+        return power.index_copy(0, rows, direct + scale.unsqueeze(2) * tail)
 
     def _noise(self, power: Tensor, valid: Tensor, lengths: Tensor, chosen: Tensor) -> Tensor:
         rows = chosen.nonzero().squeeze(1)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import os
 import platform
+import socket
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,51 +20,82 @@ from .precision import training_precision
 from .trainer import TrainConfig, train
 
 
-def training_throughput(
-    manifest: str,
-    steps: int,
-    batch_frames: int,
-    hidden_size: int,
-    num_layers: int,
-    device: str,
-    cache_dir: str,
-    chunk_frames: int,
-    lookahead_frames: int,
-    amp: bool = True,
-    augment: bool = True,
-) -> dict:
-    """Run the real training loop for ``steps`` steps; report audio seconds per wall second after warm-up."""
-    steps = max(steps, 20)
-    model = ModelConfig(hidden_size=hidden_size, num_layers=num_layers, chunk_frames=chunk_frames, lookahead_frames=lookahead_frames)
-    with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(
-            train_manifests=(manifest,),
-            output_dir=out,
-            model=model,
-            epochs=1000,
-            batch_frames=batch_frames,
-            max_steps=steps,
-            checkpoint_every=10**9,
-            cache_dir=cache_dir,
-            device=device,
-            amp=amp,
-            augment=AugmentConfig() if augment else NO_AUGMENT,
-            progress=False,
+@dataclass(frozen=True)
+class ThroughputOptions:
+    manifest: str
+    steps: int = 20
+    batch_frames: int = 30_000  # padded 10 ms frames per batch and process
+    model: ModelConfig = ModelConfig(hidden_size=224, num_layers=4)
+    device: str = "auto"
+    cache_dir: str = "cache"
+    amp: bool = True
+    augment: bool = True
+    processes: int = 1  # data-parallel processes on this machine (gloo on the CPU, NCCL on GPUs)
+    threads: int = 0  # torch threads per process (0: torch's default)
+
+    def __post_init__(self) -> None:
+        if self.processes < 1 or self.threads < 0 or self.batch_frames < 1:
+            raise ValueError("processes and batch_frames must be at least 1, threads at least 0")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(rank: int, options: ThroughputOptions, out: str, port: int) -> None:
+    """One process of the benchmark: the real training loop for options.steps steps, metrics in out/metrics.csv."""
+    if options.processes > 1:
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(options.processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
         )
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    config = TrainConfig(
+        train_manifests=(options.manifest,),
+        output_dir=out,
+        model=options.model,
+        epochs=1000,
+        batch_frames=options.batch_frames,
+        max_steps=options.steps,
+        checkpoint_every=10**9,
+        cache_dir=options.cache_dir,
+        device=options.device,
+        amp=options.amp,
+        augment=AugmentConfig() if options.augment else NO_AUGMENT,
+        progress=False,
+    )
+    try:
         train(config, log=lambda _msg: None)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def training_throughput(options: ThroughputOptions) -> dict:
+    """Run the real training loop; report audio seconds per wall second (all processes together) after warm-up."""
+    options = replace(options, steps=max(options.steps, 20))
+    with tempfile.TemporaryDirectory() as out:
+        if options.processes == 1:
+            _run(0, options, out, 0)
+        else:
+            torch.multiprocessing.spawn(_run, args=(options, out, _free_port()), nprocs=options.processes)
         with (Path(out) / "metrics.csv").open() as handle:
             rows = [r for r in csv.DictReader(handle) if r["split"] == "train"]
     windows = [float(r["audio_sec_per_sec"]) for r in rows[1:]]  # the first window includes warm-up
-    resolved = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = options.device if options.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = options.threads or torch.get_num_threads()
     return {
         "audio_sec_per_wall_sec": round(sum(windows) / len(windows), 1),
-        "steps": steps,
-        "batch_frames": batch_frames,
-        "model": model.to_dict(),
-        "augmentation": augment,
-        "precision": training_precision(torch.device(resolved), amp).name,
+        "steps": options.steps,
+        "batch_frames": options.batch_frames,
+        "processes": options.processes,
+        "model": options.model.to_dict(),
+        "augmentation": options.augment,
+        "precision": training_precision(torch.device(device), options.amp).name,
         "device": torch.cuda.get_device_name()
-        if resolved.startswith("cuda")
-        else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})",
+        if device.startswith("cuda")
+        else f"cpu ({options.processes} x {threads} threads, {platform.machine()})",
         "date": time.strftime("%Y-%m-%d"),
     }

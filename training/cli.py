@@ -254,30 +254,24 @@ def add_data_parser(subparsers) -> None:
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
-    import torch
+    from .bench import ThroughputOptions, training_throughput
 
-    from .bench import training_throughput
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(
-        json.dumps(
-            training_throughput(
-                args.manifest,
-                args.steps,
-                args.batch_frames,
-                args.hidden_size,
-                args.num_layers,
-                args.device,
-                args.cache_dir,
-                args.chunk_frames,
-                args.lookahead_frames,
-                amp=not args.no_amp,
-                augment=not args.no_augment,
-            ),
-            indent=2,
-        )
+    model = ModelConfig(
+        hidden_size=args.hidden_size, num_layers=args.num_layers, chunk_frames=args.chunk_frames, lookahead_frames=args.lookahead_frames
     )
+    options = ThroughputOptions(
+        manifest=args.manifest,
+        steps=args.steps,
+        batch_frames=args.batch_frames,
+        model=model,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        amp=not args.no_amp,
+        augment=not args.no_augment,
+        processes=args.processes,
+        threads=args.threads,
+    )
+    print(json.dumps(training_throughput(options), indent=2))
     return 0
 
 
@@ -285,14 +279,17 @@ def add_bench_train_parser(bench_commands) -> None:
     p = bench_commands.add_parser("train", help="training throughput in audio seconds per wall second")
     p.add_argument("manifest", help="training manifest to draw batches from")
     d = ModelConfig()
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="optimiser steps (at least 20; the first 10 are warm-up)")
     p.add_argument("--batch-frames", type=int, default=30_000)
     p.add_argument("--hidden-size", type=int, default=d.hidden_size)
     p.add_argument("--num-layers", type=int, default=d.num_layers)
     p.add_argument("--chunk-frames", type=int, default=d.chunk_frames)
     p.add_argument("--lookahead-frames", type=int, default=d.lookahead_frames)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch per process (0 = torch's default)")
+    p.add_argument(
+        "--processes", type=int, default=1, help="data-parallel processes (on a 2-core CPU: --processes 2 --threads 1 is fastest)"
+    )
     p.add_argument("--no-amp", action="store_true", help="float32 throughout")
     p.add_argument("--no-augment", action="store_true", help="without speed, gain, noise and reverberation")
     p.add_argument("--cache-dir", default="cache")
