@@ -8,7 +8,7 @@ import torch
 from asr.checkpoint import load_model_file
 from tests.conftest import CLIPS, DATA, TRAINING_EPOCHS, tiny_train_config, write_manifest
 from training.augment import AugmentConfig
-from training.data import bucket_batches, build_examples, load_features
+from training.data import bucket_batches, build_examples, collate, load_features, prefetched_batches
 from training.manifest import from_librispeech, from_table, read_manifest
 from training.trainer import train
 
@@ -81,6 +81,16 @@ def test_bucketed_batches_respect_budget_and_split_across_ranks(tmp_path):
     rank0 = bucket_batches(examples, 1200, 1, 0, rank=0, world_size=2)
     rank1 = bucket_batches(examples, 1200, 1, 0, rank=1, world_size=2)
     assert len(rank0) == len(rank1) and not {i for b in rank0 for i in b} & {i for b in rank1 for i in b}
+
+    # The trainer's background collation gives exactly collate()'s batches, in order, and can be left early.
+    expected = [collate([fs], examples, b) for b in batches]
+    got = list(prefetched_batches([fs], examples, batches, depth=3))
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys() and all(torch.equal(g[k], e[k]) for k in e)
+    early = prefetched_batches([fs], examples, batches)
+    assert torch.equal(next(early)["features"], expected[0]["features"])
+    early.close()
 
 
 def test_manifest_converters(tmp_path):

@@ -7,6 +7,9 @@ import json
 import multiprocessing
 import os
 import random
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +236,31 @@ def collate(sets: list[FeatureSet], examples: list[Example], batch: list[int]) -
         "target_lengths": torch.tensor([len(e.targets) for e in items]),
         "duration": torch.tensor(sum(e.duration for e in items)),
     }
+
+
+def prefetched_batches(
+    sets: list[FeatureSet], examples: list[Example], batches: list[list[int]], pin_memory: bool = False, depth: int = 2
+) -> Iterator[dict[str, torch.Tensor]]:
+    """collate() of each batch in order, prepared up to ``depth`` batches ahead on a background thread.
+
+    Reading and padding the features (numpy copies, which release the GIL) then overlaps the model's step, so a GPU
+    does not wait for its input. With ``pin_memory`` the features land in page-locked memory for an asynchronous copy.
+    """
+
+    def prepare(batch: list[int]) -> dict[str, torch.Tensor]:
+        collated = collate(sets, examples, batch)
+        if pin_memory:
+            collated["features"] = collated["features"].pin_memory()
+        return collated
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate") as pool:
+        pending: deque[Future] = deque(pool.submit(prepare, b) for b in batches[:depth])
+        for upcoming in batches[depth:]:
+            ready = pending.popleft().result()
+            pending.append(pool.submit(prepare, upcoming))
+            yield ready
+        while pending:
+            yield pending.popleft().result()
 
 
 class SpecAugment(torch.nn.Module):

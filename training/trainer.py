@@ -29,9 +29,9 @@ from .data import (
     SpecAugment,
     bucket_batches,
     build_examples,
-    collate,
     feature_statistics,
     load_features,
+    prefetched_batches,
 )
 from .metrics import error_rates
 from .precision import training_precision
@@ -372,8 +372,8 @@ def train(config: TrainConfig, log=print) -> Path:
             )
         ddp_model.train()
         window_audio, window_time, window_loss, window_utts = 0.0, time.time(), 0.0, 0
-        for batch_index in range(step_in_epoch, len(batches)):
-            batch = collate(train_sets, examples, batches[batch_index])
+        upcoming = prefetched_batches(train_sets, examples, batches[step_in_epoch:], pin_memory=device.type == "cuda")
+        for batch_index, batch in enumerate(upcoming, start=step_in_epoch):
             feats = batch["features"].to(device, non_blocking=True)
             lengths = batch["lengths"].to(device)
             if perturb is not None:
@@ -424,6 +424,7 @@ def train(config: TrainConfig, log=print) -> Path:
             if config.max_steps and global_step >= config.max_steps:
                 stopped_early = True
                 break
+        upcoming.close()  # an early stop leaves prefetched batches behind
         if progress is not None:
             progress.close()
         if stopped_early:
