@@ -396,11 +396,15 @@ def train(config: TrainConfig, log=print) -> Path:
             scheduler.step()
             global_step += 1
             step_in_epoch = batch_index + 1
-            window_audio += float(batch["duration"]) * world_size
+            window_audio += float(batch["duration"])
             window_loss += loss_sum.item()
             window_utts += feats.shape[0]
 
             if global_step % 10 == 0 or step_in_epoch == len(batches):
+                if world_size > 1:  # every rank's own audio: batches hold different amounts
+                    total = torch.tensor([window_audio], dtype=torch.float64, device=device)
+                    dist.all_reduce(total)
+                    window_audio = float(total)
                 throughput = window_audio / max(1e-6, time.time() - window_time)
                 mean_loss = window_loss / max(1, window_utts)  # per utterance, over the last steps
                 window_audio, window_time, window_loss, window_utts = 0.0, time.time(), 0.0, 0
