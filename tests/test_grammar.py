@@ -80,13 +80,31 @@ def test_alternatives_are_sorted_probabilities(tiny_model, recognizer):
 
 
 def test_bundled_model_with_a_grammar_of_digits():
-    # an 8 kHz recording of "zero" (Free Spoken Digit Dataset): the grammar needs no KenLM model
+    # An 8 kHz recording of "zero" (Free Spoken Digit Dataset); the grammar needs no KenLM model. Whether this one
+    # short clip comes out right depends on the bundled model of the day (8 % of fsdd dev does not, docs/benchmarks.md),
+    # so this checks what the grammar guarantees: only its words, an N-best list whose confidences share one mass.
     digits = "zero one two three four five six seven eight nine".split()
     recognizer = asr.load_model(device="cpu", options=asr.DecodeOptions(grammar=digits))
     result = recognizer.transcribe(DATA / "zero_8khz.opus", alternatives=3)
-    assert result.text == "zero" and result.alternatives[0].text == "zero"
-    assert all(a.text in digits or a.text == "" for a in result.alternatives)
+    assert result.text in digits and result.alternatives[0].text == result.text
+    assert 1 <= len(result.alternatives) <= 3 and all(a.text in digits or a.text == "" for a in result.alternatives)
     assert sum(a.confidence for a in result.alternatives) <= 1 + 1e-9
+
+
+def test_bundled_model_picks_the_spoken_phrase_of_a_grammar():
+    # Five sentences sharing words; the 5.3 s recording says the first. The bundled model chooses it with a wide
+    # margin (confidence 1.0 at release), so this holds on any CPU and for any better model.
+    phrases = [
+        "and costing eleven pounds fifteen shillings eight pence within ten days",
+        "the prisoners were marched to the chapel every morning",
+        "eleven men were found guilty within ten days",
+        "he paid fifteen shillings for the room and eight pence for the candles",
+        "costing nothing at all",
+    ]
+    recognizer = asr.load_model(device="cpu", options=asr.DecodeOptions(grammar=phrases))
+    result = recognizer.transcribe(DATA / "LJ002-0179.opus", alternatives=3)
+    assert result.text == phrases[0]
+    assert result.alternatives[0].text == phrases[0] and result.alternatives[0].confidence > 0.9
 
 
 def test_bad_grammars_and_alternatives_give_clear_errors(tiny_model, recognizer):
