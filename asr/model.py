@@ -112,8 +112,9 @@ class ChunkedBiRNNLayer(nn.Module):
             ends = stack(chunk_states)
         return torch.cat(forward_parts, dim=1), ends, state
 
-    def _forward_whole_sequence(self, main: Tensor, chunk: int, state) -> tuple[Tensor, object, object]:
-        """The same as _forward_chunk_by_chunk with one forward-RNN call over all chunks (one cuDNN kernel on a GPU).
+    def _forward_whole_sequence(self, main: Tensor, chunk: int, state, need_ends: bool = True) -> tuple[Tensor, object, object]:
+        """The same as _forward_chunk_by_chunk with one forward-RNN call over all chunks (one cuDNN kernel on a GPU);
+        the chunk-end states only when ``need_ends`` (a right context to continue into).
 
         A GRU's state is its output. An LSTM's cell state at each chunk end is recomputed from the outputs:
         with the gates i, f, g of step t (from x[t] and h[t-1]), c[t] = f[t] * c[t-1] + i[t] * g[t] is a linear
@@ -123,6 +124,8 @@ class ChunkedBiRNNLayer(nn.Module):
         batch, frames, _ = main.shape
         n_chunks = frames // chunk
         out, final = self.forward_rnn(main, state)
+        if not need_ends:
+            return out, None, final
         ends = torch.arange(chunk - 1, frames, chunk, device=main.device)
         h_ends = out[:, ends].reshape(1, batch * n_chunks, -1)
         if not isinstance(final, tuple):
@@ -151,8 +154,10 @@ class ChunkedBiRNNLayer(nn.Module):
         batch, frames, dim = main.shape
         n_chunks, lookahead = context.shape[1], context.shape[2]
         whole = main.is_cuda if self.whole_sequence_forward is None else self.whole_sequence_forward
-        run = self._forward_whole_sequence if whole and n_chunks > 1 else self._forward_chunk_by_chunk
-        forward_main, chunk_ends, state = run(main, chunk, state)
+        if whole and n_chunks > 1:
+            forward_main, chunk_ends, state = self._forward_whole_sequence(main, chunk, state, need_ends=lookahead > 0)
+        else:
+            forward_main, chunk_ends, state = self._forward_chunk_by_chunk(main, chunk, state)
 
         windows = torch.cat([main.view(batch, n_chunks, chunk, dim), context], dim=2)
         windows = windows.reshape(batch * n_chunks, chunk + lookahead, dim)
