@@ -169,3 +169,21 @@ def test_whole_sequence_forward_equals_chunk_by_chunk_from_a_carried_state(cell,
     torch.testing.assert_close(whole_state, chunked_state, rtol=1e-12, atol=1e-12)
     for got, expected in zip(whole_grads, chunked_grads):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rate", [0.15, 0.5])
+def test_dropout_drops_at_its_rate_keeps_the_mean_and_is_seeded(rate):
+    model = CTCModel(ModelConfig(hidden_size=8, num_layers=1, dropout=rate)).train()
+    x = torch.ones(3, 1001, 37)  # an odd size: not a multiple of the four elements drawn per 64 bits
+    torch.manual_seed(1)
+    first = model._dropout(x)
+    torch.manual_seed(1)
+    assert torch.equal(model._dropout(x), first)
+    dropped = (first == 0).double().mean().item()
+    assert abs(dropped - rate) < 0.01
+    assert first.unique().tolist() == [0.0, pytest.approx(1 / (1 - rate), rel=1e-4)]
+    assert abs(first.double().mean().item() - 1) < 0.02
+    # every 16-bit lane of the draw is used: the drop rate holds in each position modulo 4
+    flat = (first == 0).flatten().double()
+    assert all(abs(flat[k::4].mean().item() - rate) < 0.02 for k in range(4))
+    assert torch.equal(model.eval()._dropout(x), x)
