@@ -81,7 +81,7 @@ def test_alternatives_are_sorted_probabilities(tiny_model, recognizer):
 
 def test_bundled_model_with_a_grammar_of_digits():
     # An 8 kHz recording of "zero" (Free Spoken Digit Dataset); the grammar needs no KenLM model. Whether this one
-    # short clip comes out right depends on the bundled model of the day (8 % of fsdd dev does not, docs/benchmarks.md),
+    # short clip comes out right depends on the bundled model of the day (4 % of fsdd dev does not, docs/benchmarks.md),
     # so this checks what the grammar guarantees: only its words, an N-best list whose confidences share one mass.
     digits = "zero one two three four five six seven eight nine".split()
     recognizer = asr.load_model(device="cpu", options=asr.DecodeOptions(grammar=digits))
