@@ -28,10 +28,11 @@ class ModelBundle:
     feature_config: FeatureConfig
     vocabulary: Vocabulary
     metadata: dict = field(default_factory=dict)
+    phone_vocabulary: Vocabulary | None = None  # the phone output layer's units, when the model has one
 
 
 def bundle_to_dict(bundle: ModelBundle) -> dict:
-    return {
+    data = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model_config": bundle.model.config.to_dict(),
@@ -40,6 +41,9 @@ def bundle_to_dict(bundle: ModelBundle) -> dict:
         "state_dict": {k: v.detach().cpu().clone() for k, v in bundle.model.state_dict().items()},
         "metadata": bundle.metadata,
     }
+    if bundle.phone_vocabulary is not None:
+        data["phone_vocabulary"] = list(bundle.phone_vocabulary.tokens)
+    return data
 
 
 def save_model(bundle: ModelBundle, path: str | os.PathLike) -> None:
@@ -62,12 +66,16 @@ def bundle_from_dict(data: object, source: str = "<dict>") -> ModelBundle:
         model.load_state_dict(data["state_dict"])
         feature_config = FeatureConfig(**data["feature_config"])
         vocabulary = Vocabulary(data["vocabulary"])
+        phone_vocabulary = Vocabulary(data["phone_vocabulary"]) if "phone_vocabulary" in data else None
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{source} is damaged or incompatible: {error}") from error
     if len(vocabulary) != model.config.vocab_size:
         raise CheckpointError(f"{source}: vocabulary size {len(vocabulary)} != model output {model.config.vocab_size}")
+    phone_outputs = len(phone_vocabulary) if phone_vocabulary is not None else 0
+    if phone_outputs != model.config.phone_vocab_size:
+        raise CheckpointError(f"{source}: phone vocabulary size {phone_outputs} != phone output {model.config.phone_vocab_size}")
     model.eval()
-    return ModelBundle(model, feature_config, vocabulary, dict(data.get("metadata", {})))
+    return ModelBundle(model, feature_config, vocabulary, dict(data.get("metadata", {})), phone_vocabulary)
 
 
 def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:

@@ -14,7 +14,7 @@ from .audio import AudioError
 from .checkpoint import CheckpointError
 from .formats import FORMATS, format_transcript
 from .lm import LanguageModelError
-from .recognizer import DECODERS
+from .recognizer import DECODERS, UNIT_CHOICES
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".au", ".webm"}
 EXIT_SOME_FAILED = 1
@@ -44,6 +44,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help='comma-separated phrases the output is restricted to, "[unk]" for anything else (e.g. "yes,no,[unk]")',
     )
     d.add_argument("--grammar-file", help="file with one grammar phrase per line")
+    d.add_argument(
+        "--units",
+        choices=UNIT_CHOICES,
+        default="auto",
+        help="what beam search with an LM decodes: auto = phones when the model has a phone output layer and the LM a phone "
+        "lexicon (`asr lm add-phones`), else characters",
+    )
 
 
 def _phrases(listed: str | None, file: str | None) -> list[str] | None:
@@ -85,6 +92,7 @@ def decode_options(args: argparse.Namespace):
         tuple(hotwords),
         None if grammar is None else tuple(grammar),
         getattr(args, "alternatives", 0),
+        getattr(args, "units", "auto"),
     )
 
 

@@ -23,7 +23,10 @@ STATE_RESET_SILENCE = 0.6  # seconds of blank output after which the forward sta
 
 
 class ChunkedEncoder:
-    """Normalised log-mel frames in (any number at a time) -> log-probabilities (frames, vocab) out."""
+    """Normalised log-mel frames in (any number at a time) -> log-probabilities (frames, vocab) out.
+
+    ``head`` is the model's output layer(s) to compute (``CTCModel.forward``); silence is judged on the characters.
+    """
 
     def __init__(
         self,
@@ -32,12 +35,16 @@ class ChunkedEncoder:
         frame_shift: float,
         reset_silence: float = STATE_RESET_SILENCE,
         pause_seconds: float | None = PAUSE_SECONDS,
+        head: str = "chars",
     ) -> None:
         """``frame_shift``: seconds per model frame; ``pause_seconds``: energy pause that ends a segment (None: never)."""
         config = model.config
         if config.chunk_frames <= 0:
             raise ValueError("this model runs over whole utterances (chunk_frames=0) and cannot be run chunk by chunk")
-        self.model, self.device = model, device
+        self.model, self.device, self.head = model, device, head
+        self.width = config.vocab_size + (config.phone_vocab_size if head == "both" else 0)
+        if head == "phones":
+            self.width = config.phone_vocab_size
         self._stack = config.stack_frames
         self._step = config.chunk_frames * self._stack  # 10 ms frames consumed per chunk
         self._need = self._step + config.lookahead_frames * self._stack
@@ -87,7 +94,7 @@ class ChunkedEncoder:
         outputs = []
         while (window := self._next_window()) is not None:
             outputs.append(self._advance(*window))
-        return torch.cat(outputs) if outputs else torch.zeros(0, self.model.config.vocab_size)
+        return torch.cat(outputs) if outputs else torch.zeros(0, self.width)
 
     def flush(self) -> torch.Tensor:
         """Encode what is left (the last chunk has no lookahead)."""
@@ -104,7 +111,7 @@ class ChunkedEncoder:
             out = self._run(self._pending[:frames], num_output)
             self._consume(self._step)
             return out
-        out = self._run(self._pending[:frames], None) if frames else torch.zeros(0, self.model.config.vocab_size)
+        out = self._run(self._pending[:frames], None) if frames else torch.zeros(0, self.width)
         self._consume(frames)
         self._cuts.popleft()
         self._end_segment()
@@ -123,12 +130,14 @@ class ChunkedEncoder:
     @torch.inference_mode()
     def _run(self, features: np.ndarray, num_output: int | None) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(features)).unsqueeze(0).to(self.device)
-        log_probs, _, self._state = self.model(x, torch.tensor([len(features)], device=self.device), self._state, num_output)
+        lengths = torch.tensor([len(features)], device=self.device)
+        log_probs, _, self._state = self.model(x, lengths, self._state, num_output, head=self.head)
         return self._after_chunk(log_probs[0].float().cpu())
 
     def _after_chunk(self, log_probs: torch.Tensor) -> torch.Tensor:
         self.frames_out += len(log_probs)
-        blank = (log_probs.argmax(-1) == 0).flip(0)
+        chars = log_probs[:, : self.model.config.vocab_size] if self.head == "both" else log_probs
+        blank = (chars.argmax(-1) == 0).flip(0)
         self._trailing_blanks = self._trailing_blanks + len(blank) if bool(blank.all()) else int((~blank).int().argmax())
         if self._trailing_blanks >= self._reset_frames and self._state is not None:
             self._state = None
@@ -170,7 +179,7 @@ def encode_ready_chunks(encoders: list[ChunkedEncoder]) -> list[torch.Tensor]:
         x = torch.from_numpy(windows).to(device)
         state = _stack_states([encoders[i]._state for i in active], model, device)
         lengths = torch.full((len(active),), windows.shape[1], device=device)
-        log_probs, _, new_state = model(x, lengths, state, first._step // first._stack)
+        log_probs, _, new_state = model(x, lengths, state, first._step // first._stack, head=first.head)
         for row, i in enumerate(active):
             encoder = encoders[i]
             if model.config.cell == "lstm":
@@ -179,5 +188,4 @@ def encode_ready_chunks(encoders: list[ChunkedEncoder]) -> list[torch.Tensor]:
                 encoder._state = [h[:, row : row + 1] for h in new_state]
             encoder._consume(encoder._step)
             outputs[i].append(encoder._after_chunk(log_probs[row].float().cpu()))
-    vocab = encoders[0].model.config.vocab_size if encoders else 0
-    return [torch.cat(o) if o else torch.zeros(0, vocab) for o in outputs]
+    return [torch.cat(o) if o else torch.zeros(0, e.width) for o, e in zip(outputs, encoders)]

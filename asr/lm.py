@@ -1,8 +1,9 @@
 """Beam-search CTC decoding with a lexicon and a word n-gram language model (torchaudio's ctc_decoder).
 
 A language-model folder holds ``decoder.json`` (file names and tuned decoder settings), ``lexicon.txt``
-(word -> characters) and a KenLM model (``lm.bin`` or ``lm.arpa``). torchaudio is imported lazily: it
-needs a torch build it matches, and the greedy decoder works without it.
+(word -> characters) and a KenLM model (``lm.bin`` or ``lm.arpa``); optionally also a phone lexicon (word ->
+ARPAbet phones, ``lexicon-phones.txt``) with its own tuned settings, for models with a phone output layer.
+torchaudio is imported lazily: it needs a torch build it matches, and the greedy decoder works without it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import copy
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from .text import Vocabulary, normalize_text
 
 CONFIG_FILE = "decoder.json"
 LEXICON_FILE = "lexicon.txt"
+PHONE_LEXICON_FILE = "lexicon-phones.txt"
+UNITS = ("chars", "phones")
 BLANK_SYMBOL, WORD_BOUNDARY = "-", "|"  # how torchaudio's decoder names our blank and space tokens
 UNK_WORD = "<unk>"
 KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"
@@ -74,12 +77,38 @@ def spell(word: str) -> str:
     return " ".join(word) + f" {WORD_BOUNDARY}"
 
 
+def spell_phones(pronunciation: tuple[str, ...] | list[str]) -> str:
+    """Lexicon spelling of a pronunciation: ('IH', 'T', 'S') -> 'IH T S |'."""
+    return " ".join(pronunciation) + f" {WORD_BOUNDARY}"
+
+
 @dataclass(frozen=True)
 class LanguageModel:
+    """A language-model folder; ``lexicon_file`` and ``settings`` are those of ``units`` (see ``for_units``)."""
+
     folder: Path
     model_file: Path
     lexicon_file: Path
     settings: DecoderSettings
+    units: str = "chars"
+    phone_lexicon_file: Path | None = None  # word -> phones, when the folder has one
+    phone_settings: DecoderSettings | None = None  # tuned for a phone output layer
+
+    @property
+    def has_phones(self) -> bool:
+        return self.phone_lexicon_file is not None
+
+    def for_units(self, units: str) -> LanguageModel:
+        """This language model with the lexicon and settings of ``units`` ("chars" or "phones")."""
+        if units not in UNITS:
+            raise ValueError(f"units must be one of {UNITS}, got {units!r}")
+        if units == self.units:
+            return self
+        if units == "phones" and self.phone_lexicon_file is None:
+            raise LanguageModelError(f"language model {self.folder} has no phone lexicon (add one with `asr lm add-phones`)")
+        if units == "phones":
+            return replace(self, units=units, lexicon_file=self.phone_lexicon_file, settings=self.phone_settings or self.settings)
+        return LanguageModel.load(self.folder)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> LanguageModel:
@@ -91,22 +120,27 @@ class LanguageModel:
             config = json.loads(config_path.read_text(encoding="utf-8"))
             model_file, lexicon_file = folder / config["lm"], folder / config["lexicon"]
             settings = DecoderSettings.from_dict(config)
+            phone_lexicon = folder / config["phone_lexicon"] if config.get("phone_lexicon") else None
+            phone_settings = DecoderSettings.from_dict({**config, **config.get("phone_settings", {})}) if phone_lexicon else None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise LanguageModelError(f"{config_path} is damaged: {error}") from error
-        for path in (model_file, lexicon_file):
+        for path in (model_file, lexicon_file, phone_lexicon or lexicon_file):
             if not path.is_file():
                 raise LanguageModelError(f"language model file missing: {path}")
         with model_file.open("rb") as handle:
             head = handle.read(64)
         if not (head.startswith(KENLM_BINARY_MAGIC) or head.lstrip().startswith(b"\\data\\")):
             raise LanguageModelError(f"{model_file} is neither a KenLM binary nor an ARPA file")
-        return cls(folder, model_file, lexicon_file, settings)
+        return cls(folder, model_file, lexicon_file, settings, "chars", phone_lexicon, phone_settings)
 
     def save_settings(self, settings: DecoderSettings) -> None:
-        """Store tuned decoder settings in decoder.json."""
+        """Store tuned decoder settings (of this object's units) in decoder.json."""
         path = self.folder / CONFIG_FILE
         config = json.loads(path.read_text(encoding="utf-8"))
-        config.update(settings.to_dict())
+        if self.units == "phones":
+            config["phone_settings"] = settings.to_dict()
+        else:
+            config.update(settings.to_dict())
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
@@ -193,8 +227,10 @@ def _logsumexp(values: list[float]) -> float:
 class BeamSearchDecoder:
     """log_probs (frames, vocab) -> Transcript, with lexicon + LM, or lexicon-free without one, or over a grammar.
 
-    ``hotwords`` are words or phrases to favour: their words join the lexicon if missing, and each
-    gets ``settings.hotword_bonus`` when the decoder completes it. A ``grammar`` restricts the output to its
+    ``vocabulary`` is that of the log-probs: characters, or phones with an LM whose ``units`` are phones (its
+    lexicon spells words in phones). ``hotwords`` are words or phrases to favour: their words join the lexicon if
+    missing (spelled by ``asr.phones.Pronouncer`` for phones), and each gets ``settings.hotword_bonus`` when the
+    decoder completes it. A ``grammar`` restricts the output to its
     phrases (``asr.grammar``): lexicon-free search with the grammar's automaton as the LM (weight 1); it needs no
     language model, and ``lm`` and ``hotwords`` are then unused.
     """
@@ -209,6 +245,7 @@ class BeamSearchDecoder:
     ) -> None:
         flashlight, _ = _torchaudio_decoder()
         self.vocabulary = vocabulary
+        self.units = lm.units if lm is not None and grammar is None else "chars"
         self.settings = settings or (lm.settings if lm else DecoderSettings())
         tokens = [BLANK_SYMBOL if t == vocabulary.tokens[0] else WORD_BOUNDARY if t == " " else t for t in vocabulary.tokens]
         self.grammar = grammar
@@ -244,7 +281,14 @@ class BeamSearchDecoder:
         else:
             try:
                 lexicon = flashlight._load_words(str(lm.lexicon_file))
-                for word in self.hotwords:
+                missing = [w for w in self.hotwords if w not in lexicon]
+                if missing and self.units == "phones":
+                    from .phones import Pronouncer
+
+                    pronouncer = Pronouncer()
+                    for word in missing:
+                        lexicon[word] = [spell_phones(p).split() for p in pronouncer.variants(word)]
+                for word in missing:
                     lexicon.setdefault(word, [spell(word).split()])
                 options = flashlight._LexiconDecoderOptions(word_score=s.word_score, unk_score=s.unk_score, **common)
                 word_dict = flashlight._get_word_dict(lexicon, str(lm.model_file), None, tokens_dict, UNK_WORD)
@@ -320,31 +364,41 @@ class BeamSearchDecoder:
         return transcript
 
     def _to_transcript(self, hypothesis, emissions: torch.Tensor, frame_shift: float, offset: float, partial: bool = False) -> Transcript:
+        """A hypothesis' words with times and confidences from its tokens (characters or phones) and their frames.
+
+        With characters a word is its tokens between word boundaries; with phones the words come from the lexicon
+        decoder's word sequence, in the same order as their phone groups.
+        """
         tokens = hypothesis.tokens.tolist()
         steps = hypothesis.timesteps.tolist()
         words: list[Word] = []
-        chars: list[str] = []
-        char_steps: list[int] = []
+        ids: list[int] = []
+        id_steps: list[int] = []
         space = self.vocabulary.space_id
+        spoken = [w for w in hypothesis.words if w != UNK_WORD] if self.units == "phones" else []
 
         def flush() -> None:
-            if chars:
-                frames = emissions[char_steps, [self.vocabulary.tokens.index(c) for c in chars]]
-                confidence = float(np.exp(frames.mean().item()))
-                start, end = char_steps[0], char_steps[-1] + 1
-                words.append(
-                    Word("".join(chars), round(offset + start * frame_shift, 3), round(offset + end * frame_shift, 3), round(confidence, 4))
-                )
-                chars.clear()
-                char_steps.clear()
+            if ids:
+                confidence = float(np.exp(emissions[id_steps, ids].mean().item()))
+                start, end = id_steps[0], id_steps[-1] + 1
+                if self.units == "phones":
+                    text = spoken[len(words)] if len(words) < len(spoken) else ""
+                else:
+                    text = "".join(self.vocabulary.tokens[i] for i in ids)
+                if text:
+                    words.append(
+                        Word(text, round(offset + start * frame_shift, 3), round(offset + end * frame_shift, 3), round(confidence, 4))
+                    )
+                ids.clear()
+                id_steps.clear()
 
         for token, step in zip(tokens, steps):
             if token == space:
                 flush()
             elif token != 0:
-                chars.append(self.vocabulary.tokens[token])
+                ids.append(token)
                 # flashlight's paths start with an initial silence step, so its timesteps are one frame late
-                char_steps.append(min(max(int(step) - 1, 0), emissions.shape[0] - 1))
+                id_steps.append(min(max(int(step) - 1, 0), emissions.shape[0] - 1))
         flush()
         if self.automaton is not None:
             words = self._grammar_words(words, partial)

@@ -29,6 +29,7 @@ class ModelConfig:
     vocab_size: int = 29
     chunk_frames: int = 13  # model frames per chunk (0 = whole utterance)
     lookahead_frames: int = 10  # model frames of right context for the backward direction
+    phone_vocab_size: int = 0  # > 0: a second output layer, over phones (asr/phones.py), on the same encoder
 
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):
@@ -39,6 +40,8 @@ class ModelConfig:
             raise ValueError("dropout must be in [0, 1)")
         if self.chunk_frames < 0 or self.lookahead_frames < 0:
             raise ValueError("chunk_frames and lookahead_frames must be >= 0")
+        if self.phone_vocab_size < 0:
+            raise ValueError("phone_vocab_size must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -176,8 +179,14 @@ class ChunkedBiRNNLayer(nn.Module):
         return main_out, context_out, state
 
 
+HEADS = ("chars", "phones", "both")
+
+
 class CTCModel(nn.Module):
-    """features (B, T, n_mels) normalised log-mel -> log-probabilities (B, T // stack, vocab)."""
+    """features (B, T, n_mels) normalised log-mel -> log-probabilities (B, T // stack, vocab).
+
+    With ``phone_vocab_size`` > 0 a second output layer gives phone log-probabilities from the same encoder.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -190,6 +199,7 @@ class CTCModel(nn.Module):
             for i in range(config.num_layers)
         )
         self.output = nn.Linear(2 * config.hidden_size, config.vocab_size)
+        self.phone_output = nn.Linear(2 * config.hidden_size, config.phone_vocab_size) if config.phone_vocab_size else None
 
     def _dropout(self, x: Tensor) -> Tensor:
         """Inverted dropout in training, on 16 random bits per element.
@@ -224,13 +234,19 @@ class CTCModel(nn.Module):
         state: RNNState | None = None,
         num_output: int | None = None,
         chunk_frames: int | None = None,
+        head: str = "chars",
     ) -> tuple[Tensor, Tensor, RNNState]:
         """Run the encoder over features (B, T, n_mels) with valid lengths (B,) in 10 ms frames.
 
         Model frames beyond ``num_output`` (default: all) are used only as right context.
-        Returns log_probs (B, num_output, vocab), output lengths (B,) and the forward states
-        after the last output frame, to pass as ``state`` for the next piece of the stream.
+        Returns log_probs (B, num_output, vocab) of the ``head`` ("chars", "phones" or "both": the two
+        concatenated, characters first), output lengths (B,) and the forward states after the last output
+        frame, to pass as ``state`` for the next piece of the stream.
         """
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if head != "chars" and self.phone_output is None:
+            raise ValueError("this model has no phone output layer")
         x = self.subsample(features)
         lengths = torch.div(lengths, self.config.stack_frames, rounding_mode="floor").clamp(max=x.shape[1])
         total = x.shape[1]
@@ -254,8 +270,14 @@ class CTCModel(nn.Module):
             if i > 0:
                 main, context = self._dropout(main), self._dropout(context)
             main, context, state[i] = layer(main, context, window_lengths, chunk, state[i])
-        logits = self.output(self._dropout(main[:, :num_output]))
-        return logits.log_softmax(dim=-1), lengths.clamp(max=num_output), state
+        hidden = self._dropout(main[:, :num_output])
+        if head == "chars":
+            log_probs = self.output(hidden).log_softmax(dim=-1)
+        elif head == "phones":
+            log_probs = self.phone_output(hidden).log_softmax(dim=-1)
+        else:
+            log_probs = torch.cat([self.output(hidden).log_softmax(dim=-1), self.phone_output(hidden).log_softmax(dim=-1)], dim=-1)
+        return log_probs, lengths.clamp(max=num_output), state
 
     @property
     def frame_shift_frames(self) -> int:

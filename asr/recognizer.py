@@ -23,6 +23,7 @@ from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
 BUNDLED_LM = Path(__file__).parent / "models" / "en-lm"
 DECODERS = ("auto", "beam", "greedy")
+UNIT_CHOICES = ("auto", "chars", "phones")
 MAX_HOTWORD_LISTS = 8  # decoders (lexicon trie + LM) kept for streams' hotword lists (and grammars)
 GrammarLike = Grammar | Sequence[str]
 
@@ -37,6 +38,9 @@ class DecodeOptions:
     hotwords: tuple[str, ...] = ()
     grammar: tuple[str, ...] | None = None  # phrases (and "[unk]") the output is restricted to; None: free text
     alternatives: int = 0  # N-best entries in each result (Transcript.alternatives)
+    # which output layer beam search with an LM decodes; auto: phones when the model has a phone output layer and the
+    # LM a phone lexicon. Greedy decoding and grammars always use the characters.
+    units: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("chunk_frames", "lookahead_frames"):
@@ -51,6 +55,8 @@ class DecodeOptions:
             if self.hotwords:
                 raise ValueError("give a grammar or hotwords, not both")
         check_alternatives(self.alternatives)
+        if self.units not in UNIT_CHOICES:
+            raise ValueError(f"units must be one of {UNIT_CHOICES}, got {self.units!r}")
 
 
 class Recognizer:
@@ -75,6 +81,12 @@ class Recognizer:
         self.decoder_name = options.decoder
         if options.decoder == "auto":
             self.decoder_name = "beam" if self.language_model is not None else "greedy"
+        self.units = self._units(options)
+        if self.units == "phones":
+            self.language_model = self.language_model.for_units("phones")
+        # with phones the model computes both output layers: grammars and greedy decoding read the characters
+        self.head = "both" if self.units == "phones" else "chars"
+        self.beam_vocabulary = bundle.phone_vocabulary if self.units == "phones" else self.vocabulary
         base = self.language_model.settings if self.language_model else DecoderSettings()
         self.grammar_settings = DecoderSettings.from_dict({**base.to_dict(), **options.settings})  # beam size etc.
         self.decoder_settings = self.grammar_settings if self.decoder_name == "beam" else None
@@ -96,6 +108,22 @@ class Recognizer:
         if options.decoder != "greedy" and bundled and (BUNDLED_LM / "decoder.json").is_file():
             return LanguageModel.load(BUNDLED_LM)
         return None
+
+    def _units(self, options: DecodeOptions) -> str:
+        can = self.bundle.phone_vocabulary is not None and self.language_model is not None and self.language_model.has_phones
+        if options.units == "phones" and not can:
+            reason = "the model has no phone output layer" if self.bundle.phone_vocabulary is None else "the LM has no phone lexicon"
+            raise ValueError(f"cannot decode phones: {reason}")
+        if options.units == "phones" and self.decoder_name != "beam":
+            raise ValueError("phones are decoded by beam search with a language model, not by the greedy decoder")
+        return "phones" if options.units != "chars" and can and self.decoder_name == "beam" else "chars"
+
+    def select(self, log_probs: torch.Tensor, phones: bool) -> torch.Tensor:
+        """The characters' or the phones' part of log-probs (frames, vocab) computed by this recogniser's ``head``."""
+        if self.head == "chars":
+            return log_probs
+        chars = len(self.vocabulary)
+        return log_probs[:, chars:] if phones else log_probs[:, :chars]
 
     def parse_grammar(self, phrases: GrammarLike) -> Grammar:
         """A grammar checked against this model's characters (GrammarError, a ValueError, if unusable)."""
@@ -129,7 +157,7 @@ class Recognizer:
             if template is None and grammar is not None:
                 template = BeamSearchDecoder(self.vocabulary, None, self.grammar_settings, grammar=grammar)
             elif template is None:
-                template = BeamSearchDecoder(self.vocabulary, self.language_model, self.decoder_settings, key)
+                template = BeamSearchDecoder(self.beam_vocabulary, self.language_model, self.decoder_settings, key)
             self._templates[key] = template
             while len(self._templates) > MAX_HOTWORD_LISTS:
                 self._templates.popitem(last=False)
@@ -141,13 +169,13 @@ class Recognizer:
 
     @torch.inference_mode()
     def log_probs(self, blocks) -> torch.Tensor:
-        """Encode 16 kHz audio blocks (any sizes) into log-probabilities (frames, vocab)."""
+        """Encode 16 kHz audio blocks (any sizes) into log-probabilities (frames, vocab) of ``head`` (see ``select``)."""
         features = StreamingFeatures(self.extractor)
         if self.model.config.chunk_frames == 0:  # an ordinary BLSTM: one pass over the whole recording
             feats = np.concatenate([features.accept(b) for b in blocks] or [np.zeros((0, self.extractor.config.n_mels), np.float32)])
             x = torch.from_numpy(feats).unsqueeze(0).to(self.device)
-            return self.model(x, torch.tensor([len(feats)], device=self.device))[0][0].float().cpu()
-        encoder = ChunkedEncoder(self.model, self.device, self.frame_shift)
+            return self.model(x, torch.tensor([len(feats)], device=self.device), head=self.head)[0][0].float().cpu()
+        encoder = ChunkedEncoder(self.model, self.device, self.frame_shift, head=self.head)
         outputs = [encoder.accept(features.accept(block)) for block in blocks]
         outputs.append(encoder.flush())
         return torch.cat(outputs)
@@ -159,7 +187,7 @@ class Recognizer:
         grammar: GrammarLike | None = None,
         alternatives: int | None = None,
     ) -> Transcript:
-        """log_probs (frames, vocab) -> Transcript with the configured decoder, or over a grammar.
+        """log_probs (frames, vocab) from ``log_probs`` -> Transcript with the configured decoder, or over a grammar.
 
         A grammar always decodes with beam search over its phrases, whatever the decoder. N-best ``alternatives``
         come from beam search; the greedy decoder considers one hypothesis: its only alternative has confidence 1.
@@ -169,14 +197,14 @@ class Recognizer:
         grammar = self.resolve_grammar(grammar)
         alternatives = check_alternatives(self.options.alternatives if alternatives is None else alternatives)
         if grammar is not None:
-            return self.beam_decoder(grammar=grammar).decode(log_probs, self.frame_shift, alternatives=alternatives)
+            return self.beam_decoder(grammar=grammar).decode(self.select(log_probs, False), self.frame_shift, alternatives=alternatives)
         if self.decoder_name == "greedy":
-            transcript = greedy_decode(log_probs, self.vocabulary, self.frame_shift)
+            transcript = greedy_decode(self.select(log_probs, False), self.vocabulary, self.frame_shift)
             if alternatives:
                 transcript.alternatives = [Alternative(transcript.text, 1.0, list(transcript.words))]
             return transcript
         decoder = self.beam_decoder(self.options.hotwords if hotwords is None else hotwords)
-        return decoder.decode(log_probs, self.frame_shift, alternatives=alternatives)
+        return decoder.decode(self.select(log_probs, self.units == "phones"), self.frame_shift, alternatives=alternatives)
 
     def transcribe(
         self,

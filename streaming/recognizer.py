@@ -92,7 +92,9 @@ class RecognitionStream:
         self.sample_rate = sample_rate
         self._resampler = StreamResampler(sample_rate)
         self._features = StreamingFeatures(recognizer.extractor)
-        self._encoder = ChunkedEncoder(recognizer.model, recognizer.device, recognizer.frame_shift, pause_seconds=options.endpoint_silence)
+        self._encoder = ChunkedEncoder(
+            recognizer.model, recognizer.device, recognizer.frame_shift, pause_seconds=options.endpoint_silence, head=recognizer.head
+        )
         self._frame_shift = recognizer.frame_shift
         self._endpoint_frames = max(1, round(options.endpoint_silence / self._frame_shift))
         self._blank_endpoint_frames = max(1, round(options.blank_endpoint / self._frame_shift))
@@ -105,6 +107,9 @@ class RecognitionStream:
             self._beam = recognizer.stream_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords)
         else:
             self._beam = None
+        # the frames this stream decodes: the phones' for an LM in phones, else the characters'
+        self._phones = self._beam is not None and self._grammar is None and recognizer.units == "phones"
+        self._vocabulary = recognizer.beam_vocabulary if self._phones else recognizer.vocabulary
         self._segment = 0
         self._segment_start = 0  # model frames since the stream start
         self._segment_frames: list[torch.Tensor] = []
@@ -177,6 +182,7 @@ class RecognitionStream:
     def _segments(self, log_probs: torch.Tensor) -> list[Event]:
         """Add new frames to the current segment, finalising at the encoder's pauses, at blank-run endpoints and at
         the maximum length."""
+        log_probs = self.recognizer.select(log_probs, self._phones)
         events: list[Event] = []
         position = self._segment_start + self._segment_length  # model frames from the stream start
         ends = self._encoder.segment_ends
@@ -253,7 +259,7 @@ class RecognitionStream:
         self._segment_length = keep
 
     def _transcript(self, final: bool) -> Transcript:
-        emissions = torch.cat(self._segment_frames) if self._segment_frames else torch.zeros(0, len(self.recognizer.vocabulary))
+        emissions = torch.cat(self._segment_frames) if self._segment_frames else torch.zeros(0, len(self._vocabulary))
         offset = self._segment_start * self._frame_shift
         alternatives = self._alternatives if final else 0
         if self._beam is not None:

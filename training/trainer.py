@@ -21,6 +21,7 @@ from asr.checkpoint import ModelBundle, load_model_file, save_model
 from asr.decoding import greedy_decode
 from asr.features import FeatureConfig
 from asr.model import CTCModel, ModelConfig
+from asr.phones import Pronouncer, phone_vocabulary
 from asr.text import Vocabulary
 
 from .augment import AugmentConfig, FeatureAugment
@@ -70,6 +71,7 @@ class TrainConfig:
     device: str = "auto"
     max_steps: int = 0  # stop after this many optimiser steps in total (0 = no limit)
     progress: bool = True
+    phone_loss_weight: float = 1.0  # with a phone output layer (model.phone_vocab_size > 0): loss = chars + this x phones
 
     def __post_init__(self) -> None:
         if not self.train_manifests:
@@ -80,6 +82,8 @@ class TrainConfig:
             raise ValueError("clip_grad_norm must be positive")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_steps < 0 or self.checkpoint_every < 1:
             raise ValueError("warmup_steps, weight_decay and max_steps must be >= 0 and checkpoint_every >= 1")
+        if self.phone_loss_weight < 0:
+            raise ValueError("phone_loss_weight must be >= 0")
         if not 0 <= self.min_learning_rate_ratio <= 1 or self.max_utterance_seconds <= 0:
             raise ValueError("min_learning_rate_ratio must be in [0, 1] and max_utterance_seconds positive")
 
@@ -97,8 +101,11 @@ def init_model_config(init: ModelConfig, **settings) -> ModelConfig:
     """The configuration of a model initialised from one with configuration ``init``, with ``settings`` applied.
 
     Raises ValueError when a setting would change the shape of the weights (``SHAPE_FIELDS``); dropout, chunk
-    and lookahead may change.
+    and lookahead may change, and a phone output layer may be added to a model without one.
     """
+    phones = settings.get("phone_vocab_size", init.phone_vocab_size)
+    if init.phone_vocab_size and phones != init.phone_vocab_size:
+        raise ValueError(f"the model to initialise from has {init.phone_vocab_size} phone outputs; it keeps them")
     differing = [k for k in SHAPE_FIELDS if k in settings and settings[k] != getattr(init, k)]
     conflicts = [f"{k}={settings[k]!r} (it has {getattr(init, k)!r})" for k in differing]
     if conflicts:
@@ -154,12 +161,26 @@ def _set_rng_state(state: dict) -> None:
     random.seed(0)
 
 
+def best_path_tokens(log_probs: torch.Tensor, vocabulary: Vocabulary) -> list[str]:
+    """The greedy CTC path of log_probs (frames, vocab) without blanks, repeats and word boundaries: its tokens."""
+    ids = torch.unique_consecutive(log_probs.argmax(dim=-1)).tolist()
+    return [vocabulary.tokens[i] for i in ids if i != 0 and i != vocabulary.space_id]
+
+
 @torch.no_grad()
-def validate(model: CTCModel, dev: FeatureSet, vocabulary: Vocabulary, device: torch.device, batch_frames: int) -> dict:
-    """Greedy-decode a feature set: {'wer', 'cer', 'utterances'}."""
+def validate(
+    model: CTCModel,
+    dev: FeatureSet,
+    vocabulary: Vocabulary,
+    device: torch.device,
+    batch_frames: int,
+    phones: tuple[Pronouncer, Vocabulary] | None = None,
+) -> dict:
+    """Greedy-decode a feature set: {'wer', 'cer', 'utterances'}, and 'per' (phone error rate) with ``phones``."""
     model.eval()
     order = sorted(range(len(dev)), key=dev.num_frames)
-    hyps, refs, batch = {}, {}, []
+    hyps, phone_hyps, batch = {}, {}, []
+    chars = len(vocabulary)
 
     def run(batch: list[int]) -> None:
         longest = max(dev.num_frames(i) for i in batch)
@@ -167,9 +188,11 @@ def validate(model: CTCModel, dev: FeatureSet, vocabulary: Vocabulary, device: t
         for row, i in enumerate(batch):
             feats[row, : dev.num_frames(i)] = torch.from_numpy(np.asarray(dev.frames(i), dtype=np.float32))
         lengths = torch.tensor([dev.num_frames(i) for i in batch])
-        log_probs, out_lengths, _ = model(feats.to(device), lengths.to(device))
+        log_probs, out_lengths, _ = model(feats.to(device), lengths.to(device), head="chars" if phones is None else "both")
         for row, i in enumerate(batch):
-            hyps[i] = greedy_decode(log_probs[row, : out_lengths[row]], vocabulary, 0.03).text
+            hyps[i] = greedy_decode(log_probs[row, : out_lengths[row], :chars], vocabulary, 0.03).text
+            if phones is not None:
+                phone_hyps[i] = " ".join(best_path_tokens(log_probs[row, : out_lengths[row], chars:], phones[1]))
 
     for i in order:
         if batch and dev.num_frames(i) * (len(batch) + 1) > batch_frames:
@@ -180,13 +203,16 @@ def validate(model: CTCModel, dev: FeatureSet, vocabulary: Vocabulary, device: t
         run(batch)
     refs = [dev.utterances[i].text for i in range(len(dev))]
     rates = error_rates(refs, [hyps[i] for i in range(len(dev))])
+    if phones is not None:
+        phone_refs = [" ".join(p for p in phones[0].phones_of_text(text) if p != " ") for text in refs]
+        rates["per"] = error_rates(phone_refs, [phone_hyps[i] for i in range(len(dev))])["wer"]
     return {**rates, "utterances": len(dev)}
 
 
 class MetricsLog:
     """Appends rows to metrics.csv and redraws training_curves.png."""
 
-    FIELDS = ("time", "epoch", "step", "split", "loss", "grad_norm", "lr", "audio_sec_per_sec", "wer", "cer")
+    FIELDS = ("time", "epoch", "step", "split", "loss", "grad_norm", "lr", "audio_sec_per_sec", "wer", "cer", "per")
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / "metrics.csv"
@@ -216,8 +242,16 @@ class MetricsLog:
         axes[1].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
         for split in sorted({r["split"] for r in dev}):
             pts = [r for r in dev if r["split"] == split]
-            axes[2].plot([int(r["epoch"]) for r in pts], [100 * float(r["wer"]) for r in pts], marker="o", label=f"{split} WER")
-            axes[2].plot([int(r["epoch"]) for r in pts], [100 * float(r["cer"]) for r in pts], marker="x", ls="--", label=f"{split} CER")
+            for column, marker, style in (("wer", "o", "-"), ("cer", "x", "--"), ("per", "s", ":")):
+                known = [r for r in pts if r.get(column)]
+                if known:
+                    axes[2].plot(
+                        [int(r["epoch"]) for r in known],
+                        [100 * float(r[column]) for r in known],
+                        marker=marker,
+                        ls=style,
+                        label=f"{split} {column.upper()}",
+                    )
         axes[2].set(title="validation (greedy)", xlabel="epoch", ylabel="%")
         if dev:
             axes[2].legend(fontsize=7)
@@ -260,6 +294,12 @@ def train(config: TrainConfig, log=print) -> Path:
     vocabulary = init.vocabulary if init is not None else Vocabulary()
     if config.model.vocab_size != len(vocabulary):
         raise ValueError(f"model vocab_size must be {len(vocabulary)}")
+    phones = None
+    if config.model.phone_vocab_size:
+        units = init.phone_vocabulary if init is not None and init.phone_vocabulary is not None else phone_vocabulary()
+        if config.model.phone_vocab_size != len(units):
+            raise ValueError(f"model phone_vocab_size must be {len(units)}")
+        phones = (Pronouncer(), units)
     # Rank 0 extracts features first; the others then read its cache.
     if main_process:
         train_sets = [load_features(m, feature_config, config.cache_dir, config.workers) for m in config.train_manifests]
@@ -270,7 +310,7 @@ def train(config: TrainConfig, log=print) -> Path:
         train_sets = [load_features(m, feature_config, config.cache_dir, 1) for m in config.train_manifests]
         dev_sets = []
     max_frames = int(config.max_utterance_seconds * 100)
-    examples, skipped = build_examples(train_sets, vocabulary, config.model.stack_frames, max_frames)
+    examples, skipped = build_examples(train_sets, vocabulary, config.model.stack_frames, max_frames, phones)
     if not examples:
         raise ValueError("no usable training utterances")
     hours = sum(e.duration for e in examples) / 3600
@@ -278,8 +318,10 @@ def train(config: TrainConfig, log=print) -> Path:
         log(f"training on {len(examples)} utterances ({hours:.2f} h), skipped {skipped}; {world_size} process(es) on {device}")
 
     model = CTCModel(config.model)
-    if init is not None:  # its weights and feature normalisation, kept as they are
-        model.load_state_dict(init.model.state_dict())
+    if init is not None:  # its weights and feature normalisation, kept as they are; a new phone layer starts afresh
+        missing, unexpected = model.load_state_dict(init.model.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("phone_output.") for key in missing):
+            raise ValueError(f"cannot initialise from {config.init_model}: missing {missing}, unexpected {unexpected}")
         if main_process:
             log(f"initialised from {config.init_model} ({init_digest})")
     else:
@@ -332,7 +374,7 @@ def train(config: TrainConfig, log=print) -> Path:
         }
 
     def bundle(extra: dict) -> ModelBundle:
-        return ModelBundle(model, feature_config, vocabulary, {**metadata, **extra})
+        return ModelBundle(model, feature_config, vocabulary, {**metadata, **extra}, phones[1] if phones else None)
 
     def save_state() -> None:
         rng = [None] * world_size
@@ -382,10 +424,15 @@ def train(config: TrainConfig, log=print) -> Path:
                 normalised = (feats - model.feature_mean) / model.feature_std
                 feats = augment(normalised) * model.feature_std + model.feature_mean
             with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
-                log_probs, out_lengths, _ = ddp_model(feats, lengths)
+                log_probs, out_lengths, _ = ddp_model(feats, lengths, head="chars" if phones is None else "both")
+            log_probs = log_probs.float().transpose(0, 1)
             loss_sum = ctc_loss(
-                log_probs.float().transpose(0, 1), batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device)
+                log_probs[:, :, : len(vocabulary)], batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device)
             )
+            if phones is not None:
+                phone_targets, phone_lengths = batch["phone_targets"].to(device), batch["phone_target_lengths"].to(device)
+                phone_loss = ctc_loss(log_probs[:, :, len(vocabulary) :], phone_targets, out_lengths, phone_lengths)
+                loss_sum = loss_sum + config.phone_loss_weight * phone_loss
             loss = loss_sum / feats.shape[0]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -439,7 +486,7 @@ def train(config: TrainConfig, log=print) -> Path:
             summary = []
             wers = []
             for manifest, dev in zip(config.dev_manifests, dev_sets):
-                result = validate(model, dev, vocabulary, device, config.batch_frames)
+                result = validate(model, dev, vocabulary, device, config.batch_frames, phones)
                 wers.append(result["wer"])
                 metrics.write(
                     time=round(time.time() - started, 1),
@@ -448,8 +495,12 @@ def train(config: TrainConfig, log=print) -> Path:
                     split=_set_name(manifest),
                     wer=round(result["wer"], 4),
                     cer=round(result["cer"], 4),
+                    per=round(result["per"], 4) if "per" in result else "",
                 )
-                summary.append(f"{_set_name(manifest)} WER {100 * result['wer']:.1f}% CER {100 * result['cer']:.1f}%")
+                summary.append(
+                    f"{_set_name(manifest)} WER {100 * result['wer']:.1f}% CER {100 * result['cer']:.1f}%"
+                    + (f" PER {100 * result['per']:.1f}%" if "per" in result else "")
+                )
             metrics.plot()
             log(f"epoch {epoch}: " + ("; ".join(summary) if summary else "no dev set"))
             if wers and float(np.mean(wers)) < best_wer:

@@ -23,18 +23,23 @@ def tune_decoder(
     limit: int = 0,
     log=print,
 ) -> tuple[DecoderSettings, list[dict]]:
-    """Encode the dev audio once, decode it with every (lm_weight, word_score); returns the best settings and all results."""
+    """Encode the dev audio once, decode it with every (lm_weight, word_score); returns the best settings and all results.
+
+    Tunes the settings of the recogniser's units (``Recognizer.units``: characters or phones).
+    """
+    phones = recognizer.units == "phones"
+    lm = lm.for_units(recognizer.units)
     refs, emissions = [], []
     for manifest in manifests:
         utterances = read_manifest(manifest)
         for utt in utterances[:limit] if limit else utterances:
-            emissions.append(recognizer.log_probs(iter_audio(utt.audio)))
+            emissions.append(recognizer.select(recognizer.log_probs(iter_audio(utt.audio)), phones))
             refs.append(utt.text)
     base = lm.settings if beam_size is None else replace(lm.settings, beam_size=beam_size)
     results = []
     for weight, score in itertools.product(lm_weights, word_scores):
         settings = replace(base, lm_weight=weight, word_score=score)
-        decoder = BeamSearchDecoder(recognizer.vocabulary, lm, settings)
+        decoder = BeamSearchDecoder(recognizer.beam_vocabulary, lm, settings)
         hyps = [decoder.decode(e, recognizer.frame_shift).text for e in emissions]
         rates = error_rates(refs, hyps)
         results.append({"lm_weight": weight, "word_score": score, **rates})
