@@ -283,9 +283,9 @@ class BeamSearchDecoder:
                 lexicon = flashlight._load_words(str(lm.lexicon_file))
                 missing = [w for w in self.hotwords if w not in lexicon]
                 if missing and self.units == "phones":
-                    from .phones import Pronouncer
+                    from .phones import shared_pronouncer
 
-                    pronouncer = Pronouncer()
+                    pronouncer = shared_pronouncer()
                     for word in missing:
                         lexicon[word] = [spell_phones(p).split() for p in pronouncer.variants(word)]
                 for word in missing:

@@ -6,6 +6,7 @@ boundary token as the character vocabulary, so the lexicon beam search treats bo
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import threading
@@ -142,3 +143,9 @@ class Pronouncer:
                 tokens.append(" ")
             tokens.extend(self.pronounce(word))
         return tokens
+
+
+@functools.cache
+def shared_pronouncer() -> Pronouncer:
+    """One Pronouncer per process (CMUdict takes about half a second to load), for decoders' hotwords."""
+    return Pronouncer()
