@@ -226,3 +226,24 @@ def test_cli_adds_a_phone_lexicon_and_tunes_the_phone_settings(phone_setup, tmp_
     assert config["phone_settings"]["word_score"] == 1.0 and config["word_score"] == DecoderSettings().word_score
     result = subprocess.run([sys.executable, "-m", "asr", "lm", "add-phones", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert result.returncode == 2 and "decoder.json" in result.stderr
+
+
+def test_server_batching_with_phone_and_grammar_streams_together(phone_setup):
+    # the server runs one model call for all streams; a phone stream and a grammar stream read their own layer of it
+    from asr.encoder import encode_ready_chunks
+
+    model, lm = phone_setup
+    recognizer = asr.load_model(model, "cpu", asr.DecodeOptions(decoder="beam", lm=str(lm)))
+    first, second = (load_audio(DATA / name) for name in CLIPS)
+    audio = np.concatenate([quiet_noise(0.3), first, quiet_noise(1.2, 1), second, quiet_noise(0.3, 2)])
+    grammar = ["how much was it", "does that look good", "what is it"]
+    streams = [RecognitionStream(recognizer, SAMPLE_RATE), RecognitionStream(recognizer, SAMPLE_RATE, grammar=grammar)]
+    events = [[], []]
+    for start in range(0, len(audio), 4800):
+        for stream in streams:
+            stream.feed(audio[start : start + 4800])
+        for i, frames in enumerate(encode_ready_chunks([s.encoder for s in streams])):
+            assert frames.shape[1] == 29 + len(PHONE_TOKENS)
+            events[i] += streams[i].process(frames)
+    texts = [[e.text for e in stream_events + stream.finish() if isinstance(e, Final)] for stream_events, stream in zip(events, streams)]
+    assert texts == [["how much was it", "does that look good"]] * 2
