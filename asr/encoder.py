@@ -42,9 +42,7 @@ class ChunkedEncoder:
         if config.chunk_frames <= 0:
             raise ValueError("this model runs over whole utterances (chunk_frames=0) and cannot be run chunk by chunk")
         self.model, self.device, self.head = model, device, head
-        self.width = config.vocab_size + (config.phone_vocab_size if head == "both" else 0)
-        if head == "phones":
-            self.width = config.phone_vocab_size
+        self.width = model.output_width(head)
         self._stack = config.stack_frames
         self._step = config.chunk_frames * self._stack  # 10 ms frames consumed per chunk
         self._need = self._step + config.lookahead_frames * self._stack

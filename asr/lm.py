@@ -124,8 +124,8 @@ class LanguageModel:
             phone_settings = DecoderSettings.from_dict({**config, **config.get("phone_settings", {})}) if phone_lexicon else None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise LanguageModelError(f"{config_path} is damaged: {error}") from error
-        for path in (model_file, lexicon_file, phone_lexicon or lexicon_file):
-            if not path.is_file():
+        for path in (model_file, lexicon_file, phone_lexicon):
+            if path is not None and not path.is_file():
                 raise LanguageModelError(f"language model file missing: {path}")
         with model_file.open("rb") as handle:
             head = handle.read(64)

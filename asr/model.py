@@ -279,6 +279,11 @@ class CTCModel(nn.Module):
             log_probs = torch.cat([self.output(hidden).log_softmax(dim=-1), self.phone_output(hidden).log_softmax(dim=-1)], dim=-1)
         return log_probs, lengths.clamp(max=num_output), state
 
+    def output_width(self, head: str = "chars") -> int:
+        """Size of the last dimension of the log-probs that ``forward`` returns for ``head``."""
+        widths = {"chars": self.config.vocab_size, "phones": self.config.phone_vocab_size}
+        return widths[head] if head in widths else sum(widths.values())
+
     @property
     def frame_shift_frames(self) -> int:
         """10 ms feature frames per model frame."""

@@ -217,13 +217,17 @@ class MetricsLog:
     def __init__(self, folder: Path) -> None:
         self.path = folder / "metrics.csv"
         self.plot_path = folder / "training_curves.png"
-        if not self.path.exists():
+        self.fields = self.FIELDS
+        if self.path.exists():  # a resumed run keeps the columns its file started with (older files have no "per")
+            with self.path.open(newline="") as handle:
+                self.fields = tuple(next(csv.reader(handle), self.FIELDS))
+        else:
             with self.path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(self.FIELDS)
 
     def write(self, **row) -> None:
         with self.path.open("a", newline="") as handle:
-            csv.writer(handle).writerow([row.get(k, "") for k in self.FIELDS])
+            csv.writer(handle).writerow([row.get(k, "") for k in self.fields])
 
     def plot(self) -> None:
         import matplotlib
