@@ -37,6 +37,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     d.add_argument("--beam-size", type=int, help="hypotheses kept per frame")
     d.add_argument("--lm-weight", type=float, help="language-model weight")
     d.add_argument("--word-score", type=float, help="score added per word (insertion bonus)")
+    d.add_argument(
+        "--char-weight",
+        type=float,
+        help="phones: weight of the character layer when reranking the final hypotheses (0 = off; default: the LM's tuned value)",
+    )
     d.add_argument("--hotwords", default="", help="comma-separated words or phrases to favour (names, domain terms)")
     d.add_argument("--hotwords-file", help="file with one word or phrase per line to favour")
     d.add_argument(
@@ -80,6 +85,7 @@ def decode_options(args: argparse.Namespace):
             ("beam_size", args.beam_size),
             ("lm_weight", args.lm_weight),
             ("word_score", args.word_score),
+            ("char_weight", args.char_weight),
         )
         if v is not None
     }

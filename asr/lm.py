@@ -32,6 +32,7 @@ KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"
 HOTWORD_BONUS = 8.0  # added to the LM score of each hotword, in natural-log units before lm_weight
 UNK_PENALTY = 2.0  # cost (nats) per character of speech that a grammar's "[unk]" stands for
 EMPTY_PENALTY = 4.0  # cost (nats) of a grammar's empty result, relative to any other
+RESCORED_TEXTS = 16  # distinct final texts of a phone search that the character layer reranks
 
 
 class LanguageModelError(ValueError):
@@ -49,6 +50,7 @@ class DecoderSettings:
     hotword_bonus: float = HOTWORD_BONUS
     unk_penalty: float = UNK_PENALTY  # grammars: nats per character that "[unk]" stands for
     empty_penalty: float = EMPTY_PENALTY  # grammars: nats charged for no word at all (CTC leans to blanks)
+    char_weight: float = 0.0  # phones: weight of the character layer's CTC log-likelihood when reranking finals
 
     def __post_init__(self) -> None:
         if self.beam_size < 1 or self.beam_size_token < 1:
@@ -59,6 +61,8 @@ class DecoderSettings:
             raise ValueError("lm_weight and word_score must be finite")
         if not 0 <= self.unk_penalty < math.inf or not math.isfinite(self.empty_penalty):
             raise ValueError("unk_penalty must be a finite number >= 0 and empty_penalty finite")
+        if not 0 <= self.char_weight < math.inf:
+            raise ValueError("char_weight must be a finite number >= 0")
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
@@ -219,6 +223,25 @@ def _grammar_lm(automaton: GrammarAutomaton, chars: list[str]):
     return GrammarLM()
 
 
+def ctc_log_likelihoods(log_probs: torch.Tensor, targets: list[list[int]]) -> list[float]:
+    """log P(target | frames) under CTC (blank id 0) for each target: log_probs (frames, vocab), targets token ids.
+
+    An empty target is the all-blank path; a target too long for the frames scores -inf.
+    """
+    if not targets:
+        return []
+    frames = log_probs.shape[0]
+    batch = log_probs.float().unsqueeze(1).expand(frames, len(targets), log_probs.shape[1])
+    lengths = torch.tensor([len(t) for t in targets])
+    padded = torch.zeros(len(targets), max(1, int(lengths.max())), dtype=torch.long)
+    for i, target in enumerate(targets):
+        padded[i, : len(target)] = torch.tensor(target, dtype=torch.long)
+    losses = torch.nn.functional.ctc_loss(
+        batch, padded, torch.full((len(targets),), frames), lengths, blank=0, reduction="none", zero_infinity=False
+    )
+    return (-losses).tolist()
+
+
 def _logsumexp(values: list[float]) -> float:
     top = max(values)
     return top + math.log(sum(math.exp(v - top) for v in values))
@@ -233,6 +256,10 @@ class BeamSearchDecoder:
     decoder completes it. A ``grammar`` restricts the output to its
     phrases (``asr.grammar``): lexicon-free search with the grammar's automaton as the LM (weight 1); it needs no
     language model, and ``lm`` and ``hotwords`` are then unused.
+
+    A phone search can rerank its final hypotheses with the model's character layer: given ``char_vocabulary`` and,
+    at decode time, the character log-probs of the same frames, each of the best ``RESCORED_TEXTS`` texts gains
+    ``settings.char_weight`` x its CTC log-likelihood under the characters (partial results are not reranked).
     """
 
     def __init__(
@@ -242,9 +269,11 @@ class BeamSearchDecoder:
         settings: DecoderSettings | None = None,
         hotwords: list[str] | tuple[str, ...] = (),
         grammar: Grammar | None = None,
+        char_vocabulary: Vocabulary | None = None,
     ) -> None:
         flashlight, _ = _torchaudio_decoder()
         self.vocabulary = vocabulary
+        self.char_vocabulary = char_vocabulary
         self.units = lm.units if lm is not None and grammar is None else "chars"
         self.settings = settings or (lm.settings if lm else DecoderSettings())
         tokens = [BLANK_SYMBOL if t == vocabulary.tokens[0] else WORD_BOUNDARY if t == " " else t for t in vocabulary.tokens]
@@ -313,14 +342,21 @@ class BeamSearchDecoder:
         clone._decoder.decoder = self._new_search()
         return clone
 
-    def decode(self, log_probs: torch.Tensor, frame_shift: float, offset: float = 0.0, alternatives: int = 0) -> Transcript:
+    def decode(
+        self,
+        log_probs: torch.Tensor,
+        frame_shift: float,
+        offset: float = 0.0,
+        alternatives: int = 0,
+        char_log_probs: torch.Tensor | None = None,
+    ) -> Transcript:
         """Best hypothesis for one utterance (and up to ``alternatives`` N-best entries); word times come from the
-        decoder's token timesteps."""
+        decoder's token timesteps. ``char_log_probs`` (frames, chars): the character layer, to rerank a phone search."""
         emissions = log_probs.detach().float().cpu().contiguous()
         if emissions.shape[0] == 0:
             return Transcript("", [], 0.0)
         results = self._decoder.decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])
-        return self._result(results, emissions, frame_shift, offset, alternatives, partial=False)
+        return self._result(results, emissions, frame_shift, offset, alternatives, False, char_log_probs)
 
     def begin(self) -> None:
         """Start incremental decoding of a new utterance (``step`` ... ``end``)."""
@@ -332,9 +368,16 @@ class BeamSearchDecoder:
             self._decoder.decode_step(log_probs.detach().float().cpu().contiguous())
 
     def best(
-        self, emissions: torch.Tensor, frame_shift: float, offset: float = 0.0, final: bool = False, alternatives: int = 0
+        self,
+        emissions: torch.Tensor,
+        frame_shift: float,
+        offset: float = 0.0,
+        final: bool = False,
+        alternatives: int = 0,
+        char_log_probs: torch.Tensor | None = None,
     ) -> Transcript:
-        """Current best hypothesis; ``emissions`` are all frames fed since ``begin`` (for confidences).
+        """Current best hypothesis; ``emissions`` are all frames fed since ``begin`` (for confidences), and
+        ``char_log_probs`` the character layer's for the same frames (to rerank a phone search's final result).
 
         Before ``final``, a grammar's hypothesis shows only the words it has finished (a prefix of its phrases).
         """
@@ -343,14 +386,33 @@ class BeamSearchDecoder:
         results = self._decoder.decoder.get_all_final_hypothesis()
         if not results or emissions.shape[0] == 0:
             return Transcript("", [], 0.0)
-        return self._result(results, emissions.detach().float().cpu(), frame_shift, offset, alternatives if final else 0, not final)
+        emissions = emissions.detach().float().cpu()
+        return self._result(results, emissions, frame_shift, offset, alternatives if final else 0, not final, char_log_probs)
 
-    def _result(self, results, emissions: torch.Tensor, frame_shift: float, offset: float, alternatives: int, partial: bool) -> Transcript:
+    def _result(
+        self,
+        results,
+        emissions: torch.Tensor,
+        frame_shift: float,
+        offset: float,
+        alternatives: int,
+        partial: bool,
+        char_log_probs: torch.Tensor | None = None,
+    ) -> Transcript:
         """The best of flashlight's hypotheses (they are sorted by score only after ``decode_end``) and the N-best.
 
         An alternative's confidence is its share of the probability mass of all hypotheses left in the beam
         (softmax of their total scores; hypotheses with the same text are summed), so the N-best sum to at most 1.
         """
+        rescore = (
+            not partial
+            and self.units == "phones"
+            and self.settings.char_weight > 0
+            and self.char_vocabulary is not None
+            and char_log_probs is not None
+        )
+        if rescore:
+            return self._reranked(results, emissions, frame_shift, offset, alternatives, char_log_probs)
         best = max(results, key=lambda r: r.score)
         transcript = self._to_transcript(self._decoder._to_hypo([best])[0], emissions, frame_shift, offset, partial)
         if alternatives > 0:
@@ -361,6 +423,39 @@ class BeamSearchDecoder:
             total = _logsumexp([r.score for r in results])
             ranked = sorted(((_logsumexp(scores) - total, candidate) for scores, candidate in texts.values()), key=lambda p: -p[0])
             transcript.alternatives = [Alternative(c.text, min(1.0, math.exp(lp)), c.words) for lp, c in ranked[:alternatives]]
+        return transcript
+
+    def _reranked(
+        self, results, emissions: torch.Tensor, frame_shift: float, offset: float, alternatives: int, char_log_probs: torch.Tensor
+    ) -> Transcript:
+        """A phone search's final result reranked with the character layer: each of the ``RESCORED_TEXTS`` best texts
+        scores the log-sum of its hypotheses' scores + ``char_weight`` x log P(text | character frames); the N-best
+        confidences are the softmax of these scores over those texts."""
+        ranked = sorted(results, key=lambda r: -r.score)
+        texts: dict[str, tuple[list[float], object]] = {}
+        for result, hypothesis in zip(ranked, self._decoder._to_hypo(ranked)):
+            text = " ".join(w for w in hypothesis.words if w != UNK_WORD)
+            if text not in texts and len(texts) == RESCORED_TEXTS:
+                continue
+            texts.setdefault(text, ([], hypothesis))[0].append(result.score)
+        spellable = [text for text in texts if all(ch in self.char_vocabulary.tokens for ch in text)]
+        likelihoods = dict.fromkeys(texts, -math.inf)
+        encoded = [self.char_vocabulary.encode(text) for text in spellable]
+        likelihoods.update(zip(spellable, ctc_log_likelihoods(char_log_probs.detach().float().cpu(), encoded)))
+        # with no text the characters can spell in these frames, the phone search's order stands
+        weight = self.settings.char_weight if any(math.isfinite(v) for v in likelihoods.values()) else 0.0
+        scored = [
+            (_logsumexp(scores) + (weight * likelihoods[text] if weight else 0.0), hypothesis)
+            for text, (scores, hypothesis) in texts.items()
+        ]
+        scored.sort(key=lambda pair: -pair[0])
+        transcript = self._to_transcript(scored[0][1], emissions, frame_shift, offset)
+        if alternatives > 0:
+            total = _logsumexp([score for score, _ in scored])
+            transcript.alternatives = []
+            for score, hypothesis in scored[:alternatives]:
+                candidate = self._to_transcript(hypothesis, emissions, frame_shift, offset)
+                transcript.alternatives.append(Alternative(candidate.text, min(1.0, math.exp(score - total)), candidate.words))
         return transcript
 
     def _to_transcript(self, hypothesis, emissions: torch.Tensor, frame_shift: float, offset: float, partial: bool = False) -> Transcript:

@@ -157,7 +157,8 @@ class Recognizer:
             if template is None and grammar is not None:
                 template = BeamSearchDecoder(self.vocabulary, None, self.grammar_settings, grammar=grammar)
             elif template is None:
-                template = BeamSearchDecoder(self.beam_vocabulary, self.language_model, self.decoder_settings, key)
+                chars = self.vocabulary if self.units == "phones" else None  # reranks the phone search's finals
+                template = BeamSearchDecoder(self.beam_vocabulary, self.language_model, self.decoder_settings, key, char_vocabulary=chars)
             self._templates[key] = template
             while len(self._templates) > MAX_HOTWORD_LISTS:
                 self._templates.popitem(last=False)
@@ -204,7 +205,10 @@ class Recognizer:
                 transcript.alternatives = [Alternative(transcript.text, 1.0, list(transcript.words))]
             return transcript
         decoder = self.beam_decoder(self.options.hotwords if hotwords is None else hotwords)
-        return decoder.decode(self.select(log_probs, self.units == "phones"), self.frame_shift, alternatives=alternatives)
+        if self.units == "phones":
+            chars = self.select(log_probs, False)
+            return decoder.decode(self.select(log_probs, True), self.frame_shift, alternatives=alternatives, char_log_probs=chars)
+        return decoder.decode(log_probs, self.frame_shift, alternatives=alternatives)
 
     def transcribe(
         self,

@@ -182,7 +182,6 @@ class RecognitionStream:
     def _segments(self, log_probs: torch.Tensor) -> list[Event]:
         """Add new frames to the current segment, finalising at the encoder's pauses, at blank-run endpoints and at
         the maximum length."""
-        log_probs = self.recognizer.select(log_probs, self._phones)
         events: list[Event] = []
         position = self._segment_start + self._segment_length  # model frames from the stream start
         ends = self._encoder.segment_ends
@@ -195,7 +194,7 @@ class RecognitionStream:
 
     def _split(self, log_probs: torch.Tensor) -> list[Event | None]:
         events: list[Event | None] = []
-        blank = log_probs.argmax(-1) == 0
+        blank = self._decoded(log_probs).argmax(-1) == 0
         while len(log_probs):
             room = self._max_frames - self._segment_length
             events += self._add(log_probs[:room], blank[:room])
@@ -244,11 +243,15 @@ class RecognitionStream:
         shown = self._committed + words[len(self._committed) :]
         return Partial(" ".join(shown), self._segment, len(self._committed))
 
+    def _decoded(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The part of the model's output that this stream decodes (phones or characters)."""
+        return self.recognizer.select(log_probs, self._phones)
+
     def _append(self, log_probs: torch.Tensor) -> None:
-        self._segment_frames.append(log_probs)
+        self._segment_frames.append(log_probs)  # all output layers: a phone search's finals are reranked with the characters
         self._segment_length += len(log_probs)
         if self._beam is not None:
-            self._beam.step(log_probs)
+            self._beam.step(self._decoded(log_probs))
 
     def _drop_silence(self) -> None:
         """Forget leading silence of a segment with no speech yet (bounded memory during long pauses)."""
@@ -259,11 +262,13 @@ class RecognitionStream:
         self._segment_length = keep
 
     def _transcript(self, final: bool) -> Transcript:
-        emissions = torch.cat(self._segment_frames) if self._segment_frames else torch.zeros(0, len(self._vocabulary))
+        frames = torch.cat(self._segment_frames) if self._segment_frames else None
+        emissions = self._decoded(frames) if frames is not None else torch.zeros(0, len(self._vocabulary))
+        chars = self.recognizer.select(frames, False) if frames is not None and self._phones and final else None
         offset = self._segment_start * self._frame_shift
         alternatives = self._alternatives if final else 0
         if self._beam is not None:
-            transcript = self._beam.best(emissions, self._frame_shift, offset, final=final, alternatives=alternatives)
+            transcript = self._beam.best(emissions, self._frame_shift, offset, final, alternatives, char_log_probs=chars)
         else:
             transcript = greedy_decode(emissions, self.recognizer.vocabulary, self._frame_shift, offset)
             if alternatives:  # the greedy decoder considers one hypothesis

@@ -1,7 +1,9 @@
 """Phones as output units: pronunciations, the phone output layer, training it, and decoding it with a phone lexicon."""
 
 import csv
+import itertools
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -14,9 +16,10 @@ import torch
 import asr
 from asr.audio import SAMPLE_RATE, load_audio
 from asr.checkpoint import CheckpointError, ModelBundle, bundle_from_dict, bundle_to_dict, load_model_file, save_model
-from asr.lm import PHONE_LEXICON_FILE, BeamSearchDecoder, DecoderSettings, LanguageModel, spell_phones
+from asr.lm import PHONE_LEXICON_FILE, BeamSearchDecoder, DecoderSettings, LanguageModel, ctc_log_likelihoods, spell_phones
 from asr.model import CTCModel
 from asr.phones import PHONE_TOKENS, PHONES, Pronouncer, ipa_to_arpabet, phone_vocabulary
+from asr.text import Vocabulary
 from streaming.recognizer import Final, RecognitionStream
 from tests.conftest import CLIPS, DATA, TINY_MODEL, quiet_noise, tiny_train_config, write_manifest
 from tests.test_streaming import write_unigram_lm
@@ -117,9 +120,11 @@ def phone_setup(tiny_model, tmp_path):
     return mirrored_phone_model(tiny_model, tmp_path / "phones.pt"), folder
 
 
-def test_phones_decode_like_characters_offline_and_streaming(phone_setup):
+@pytest.mark.parametrize("char_weight", [0.0, 0.5])
+def test_phones_decode_like_characters_offline_and_streaming(phone_setup, char_weight):
     model, lm = phone_setup
-    phones = asr.load_model(model, "cpu", asr.DecodeOptions(decoder="beam", lm=str(lm)))
+    settings = {"char_weight": char_weight}  # > 0: finals reranked with the character layer, offline and streaming alike
+    phones = asr.load_model(model, "cpu", asr.DecodeOptions(decoder="beam", lm=str(lm), settings=settings))
     chars = asr.load_model(model, "cpu", asr.DecodeOptions(decoder="beam", lm=str(lm), units="chars"))
     assert phones.units == "phones" and phones.language_model.units == "phones" and chars.units == "chars"
     first, second = (load_audio(DATA / name) for name in CLIPS)
@@ -163,6 +168,69 @@ def phone_emissions(tokens: list[str]) -> torch.Tensor:
     for t, token in enumerate(frames):
         out[t, vocabulary.tokens.index(token)] = 0.9
     return out.log()
+
+
+def test_ctc_log_likelihoods_sum_over_all_alignments():
+    torch.manual_seed(0)
+    log_probs = torch.randn(4, 3).log_softmax(-1)  # 4 frames over blank, "a", "b"
+
+    def brute_force(target: list[int]) -> float:
+        total = 0.0
+        for path in itertools.product(range(3), repeat=4):
+            collapsed = [t for i, t in enumerate(path) if t != 0 and (i == 0 or t != path[i - 1])]
+            if collapsed == target:
+                total += math.exp(sum(log_probs[i, t].item() for i, t in enumerate(path)))
+        return math.log(total)
+
+    targets = [[1], [1, 2], [1, 1], [], [2, 1, 2]]
+    for got, target in zip(ctc_log_likelihoods(log_probs, targets), targets):
+        assert got == pytest.approx(brute_force(target), abs=1e-4)
+    assert ctc_log_likelihoods(log_probs, [[1, 1, 1]]) == [-math.inf]  # needs 5 frames
+    assert ctc_log_likelihoods(log_probs, []) == []
+
+
+def frames_of(tokens: list[str], vocabulary: Vocabulary, length: int) -> torch.Tensor:
+    """log-probs (length, vocab): each token for one frame at 0.9 between blank frames, blanks after."""
+    out = torch.full((length, len(vocabulary)), 0.1 / (len(vocabulary) - 1))
+    out[:, 0] = 0.9
+    for i, token in enumerate(tokens):
+        out[2 * i + 1, 0] = 0.1 / (len(vocabulary) - 1)
+        out[2 * i + 1, vocabulary.tokens.index(token)] = 0.9
+    return out.log()
+
+
+def test_the_character_layer_reranks_homophones_of_a_phone_search(tmp_path):
+    from training.lm import add_phone_lexicon
+
+    homophones = ["to", "too", "two"]  # all T UW
+    folder = write_unigram_lm(tmp_path, ["how", *homophones])
+    arpa = (folder / "lm.arpa").read_text()
+    (folder / "lm.arpa").write_text(arpa.replace("-1.0\ttoo", "-1.5\ttoo").replace("-1.0\ttwo", "-2.0\ttwo"))  # LM: "to"
+    add_phone_lexicon(folder, Pronouncer(use_espeak=False))
+    lm = LanguageModel.load(folder).for_units("phones")
+    chars = Vocabulary()  # the default characters
+    spoken = frames_of(["T", "UW"], phone_vocabulary(), 12)
+    plain = BeamSearchDecoder(phone_vocabulary(), lm, DecoderSettings(lm_weight=0.5), char_vocabulary=chars)
+    reranking = BeamSearchDecoder(phone_vocabulary(), lm, DecoderSettings(lm_weight=0.5, char_weight=1.0), char_vocabulary=chars)
+    unranked = plain.decode(spoken, 0.03).text
+    assert unranked == "to"
+    for word in homophones:
+        written = frames_of(list(word), chars, 12)
+        assert plain.decode(spoken, 0.03, char_log_probs=written).text == unranked  # weight 0: the phone search's order
+        result = reranking.decode(spoken, 0.03, alternatives=3, char_log_probs=written)
+        assert result.text == word and [w.text for w in result.words] == [word]
+        assert result.alternatives[0].text == word and {a.text for a in result.alternatives} == set(homophones)
+        assert sum(a.confidence for a in result.alternatives) <= 1.0 + 1e-6
+        assert result.alternatives[0].confidence > result.alternatives[1].confidence
+        # partial results are the phone search's own; without character frames nothing is reranked
+        for decoder in (plain, reranking):
+            decoder.begin()
+            decoder.step(spoken)
+        partial = reranking.best(spoken, 0.03, final=False, char_log_probs=written)
+        assert partial.text == plain.best(spoken, 0.03, final=False).text
+        assert reranking.decode(spoken, 0.03).text == unranked
+    with pytest.raises(ValueError, match="char_weight"):
+        DecoderSettings(char_weight=-1.0)
 
 
 def test_phone_lexicon_of_a_language_model_and_hotwords_spelled_from_cmudict(tmp_path):
@@ -215,15 +283,23 @@ def test_cli_adds_a_phone_lexicon_and_tunes_the_phone_settings(phone_setup, tmp_
     manifest = write_manifest(tmp_path / "dev.jsonl", CLIPS)
     args = ["tune-decoder", str(manifest), "--model", str(model), "--lm", str(lm), "--units", "phones"]
     result = subprocess.run(
-        [sys.executable, "-m", "asr", *args, "--lm-weights", "0.0", "0.7", "--word-scores", "1"],
+        [sys.executable, "-m", "asr", *args, "--lm-weights", "0.0", "0.7", "--word-scores", "1", "--char-weights", "0", "0.5"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "for phones" in result.stderr
+    assert "for phones" in result.stderr and result.stderr.count("char_weight") == 5  # 4 grid points + saved
     config = json.loads((lm / "decoder.json").read_text())
     assert config["phone_settings"]["word_score"] == 1.0 and config["word_score"] == DecoderSettings().word_score
+    assert config["phone_settings"]["char_weight"] in (0.0, 0.5) and config["char_weight"] == 0.0
+    result = subprocess.run(
+        [sys.executable, "-m", "asr", *args[:-2], "--units", "chars", "--char-weights", "0.5", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "--units phones" in result.stderr
     result = subprocess.run([sys.executable, "-m", "asr", "lm", "add-phones", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert result.returncode == 2 and "decoder.json" in result.stderr
 

@@ -400,21 +400,27 @@ def run_tune(args: argparse.Namespace) -> int:
     except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    best, results = tune_decoder(
-        recognizer,
-        lm,
-        args.manifests,
-        args.lm_weights,
-        args.word_scores,
-        args.beam_size,
-        args.limit,
-        log=lambda m: print(m, file=sys.stderr),
-    )
+    try:
+        best, results = tune_decoder(
+            recognizer,
+            lm,
+            args.manifests,
+            args.lm_weights,
+            args.word_scores,
+            args.beam_size,
+            args.limit,
+            log=lambda m: print(m, file=sys.stderr),
+            char_weights=args.char_weights,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({"best": best.to_dict(), "results": results}, indent=2))
     if not args.dry_run:
         lm.for_units(recognizer.units).save_settings(best)
+        rerank = f" char_weight={best.char_weight}" if recognizer.units == "phones" else ""
         print(
-            f"saved lm_weight={best.lm_weight} word_score={best.word_score} for {recognizer.units} in {lm.folder / 'decoder.json'}",
+            f"saved lm_weight={best.lm_weight} word_score={best.word_score}{rerank} for {recognizer.units} in {lm.folder / 'decoder.json'}",
             file=sys.stderr,
         )
     return 0
@@ -426,6 +432,12 @@ def add_tune_parser(subparsers) -> None:
     add_model_options(p)
     p.add_argument("--lm-weights", type=float, nargs="+", default=[0.3, 0.5, 0.8, 1.1, 1.5])
     p.add_argument("--word-scores", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0])
+    p.add_argument(
+        "--char-weights",
+        type=float,
+        nargs="+",
+        help="with --units phones: weights of the character layer when reranking finals (default: the LM's own value)",
+    )
     p.add_argument("--limit", type=int, default=0, help="use the first N utterances of each manifest")
     p.add_argument("--dry-run", action="store_true", help="report without saving")
     p.set_defaults(handler=run_tune)

@@ -22,27 +22,39 @@ def tune_decoder(
     beam_size: int | None = None,
     limit: int = 0,
     log=print,
+    char_weights: list[float] | None = None,
 ) -> tuple[DecoderSettings, list[dict]]:
-    """Encode the dev audio once, decode it with every (lm_weight, word_score); returns the best settings and all results.
+    """Encode the dev audio once, decode it with every (lm_weight, word_score[, char_weight]); returns the best
+    settings and all results.
 
-    Tunes the settings of the recogniser's units (``Recognizer.units``: characters or phones).
+    Tunes the settings of the recogniser's units (``Recognizer.units``: characters or phones). ``char_weights``
+    (phones only; default: the LM's own value) weigh the character layer when reranking the phone search's finals.
     """
     phones = recognizer.units == "phones"
+    if char_weights and not phones:
+        raise ValueError("char weights rerank a phone search: tune them with --units phones")
     lm = lm.for_units(recognizer.units)
     refs, emissions = [], []
     for manifest in manifests:
         utterances = read_manifest(manifest)
         for utt in utterances[:limit] if limit else utterances:
-            emissions.append(recognizer.select(recognizer.log_probs(iter_audio(utt.audio)), phones))
+            log_probs = recognizer.log_probs(iter_audio(utt.audio))
+            emissions.append((recognizer.select(log_probs, phones), recognizer.select(log_probs, False) if phones else None))
             refs.append(utt.text)
     base = lm.settings if beam_size is None else replace(lm.settings, beam_size=beam_size)
+    chars = recognizer.vocabulary if phones else None
     results = []
     for weight, score in itertools.product(lm_weights, word_scores):
         settings = replace(base, lm_weight=weight, word_score=score)
-        decoder = BeamSearchDecoder(recognizer.beam_vocabulary, lm, settings)
-        hyps = [decoder.decode(e, recognizer.frame_shift).text for e in emissions]
-        rates = error_rates(refs, hyps)
-        results.append({"lm_weight": weight, "word_score": score, **rates})
-        log(f"lm_weight {weight:5.2f} word_score {score:5.2f}: WER {100 * rates['wer']:6.2f}% CER {100 * rates['cer']:6.2f}%")
+        decoder = BeamSearchDecoder(recognizer.beam_vocabulary, lm, settings, char_vocabulary=chars)
+        for char_weight in char_weights or [base.char_weight]:
+            decoder.settings = replace(decoder.settings, char_weight=char_weight)  # read only when reranking
+            hyps = [decoder.decode(e, recognizer.frame_shift, char_log_probs=c).text for e, c in emissions]
+            rates = error_rates(refs, hyps)
+            results.append({"lm_weight": weight, "word_score": score, "char_weight": char_weight, **rates})
+            log(
+                f"lm_weight {weight:5.2f} word_score {score:5.2f} char_weight {char_weight:4.2f}: "
+                f"WER {100 * rates['wer']:6.2f}% CER {100 * rates['cer']:6.2f}%"
+            )
     best = min(results, key=lambda r: (r["wer"], r["cer"]))
-    return replace(base, lm_weight=best["lm_weight"], word_score=best["word_score"]), results
+    return replace(base, lm_weight=best["lm_weight"], word_score=best["word_score"], char_weight=best["char_weight"]), results
