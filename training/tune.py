@@ -52,9 +52,7 @@ def tune_decoder(
             hyps = [decoder.decode(e, recognizer.frame_shift, char_log_probs=c).text for e, c in emissions]
             rates = error_rates(refs, hyps)
             results.append({"lm_weight": weight, "word_score": score, "char_weight": char_weight, **rates})
-            log(
-                f"lm_weight {weight:5.2f} word_score {score:5.2f} char_weight {char_weight:4.2f}: "
-                f"WER {100 * rates['wer']:6.2f}% CER {100 * rates['cer']:6.2f}%"
-            )
+            rerank = f" char_weight {char_weight:4.2f}" if phones else ""
+            log(f"lm_weight {weight:5.2f} word_score {score:5.2f}{rerank}: WER {100 * rates['wer']:6.2f}% CER {100 * rates['cer']:6.2f}%")
     best = min(results, key=lambda r: (r["wer"], r["cer"]))
     return replace(base, lm_weight=best["lm_weight"], word_score=best["word_score"], char_weight=best["char_weight"]), results
