@@ -358,6 +358,16 @@ class BeamSearchDecoder:
         results = self._decoder.decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])
         return self._result(results, emissions, frame_shift, offset, alternatives, False, char_log_probs)
 
+    def decode_reranked(
+        self, log_probs: torch.Tensor, frame_shift: float, char_log_probs: torch.Tensor, char_weights: list[float]
+    ) -> list[Transcript]:
+        """``decode`` once per reranking weight (for tuning): one phone search, its final texts reranked each way."""
+        emissions = log_probs.detach().float().cpu().contiguous()
+        if emissions.shape[0] == 0:
+            return [Transcript("", [], 0.0) for _ in char_weights]
+        results = self._decoder.decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])
+        return [self._result(results, emissions, frame_shift, 0.0, 0, False, char_log_probs, w) for w in char_weights]
+
     def begin(self) -> None:
         """Start incremental decoding of a new utterance (``step`` ... ``end``)."""
         self._decoder.decode_begin()
@@ -398,21 +408,18 @@ class BeamSearchDecoder:
         alternatives: int,
         partial: bool,
         char_log_probs: torch.Tensor | None = None,
+        char_weight: float | None = None,
     ) -> Transcript:
         """The best of flashlight's hypotheses (they are sorted by score only after ``decode_end``) and the N-best.
 
         An alternative's confidence is its share of the probability mass of all hypotheses left in the beam
         (softmax of their total scores; hypotheses with the same text are summed), so the N-best sum to at most 1.
+        ``char_weight``: the reranking weight (default ``settings.char_weight``).
         """
-        rescore = (
-            not partial
-            and self.units == "phones"
-            and self.settings.char_weight > 0
-            and self.char_vocabulary is not None
-            and char_log_probs is not None
-        )
+        weight = self.settings.char_weight if char_weight is None else char_weight
+        rescore = not partial and self.units == "phones" and weight > 0 and self.char_vocabulary is not None and char_log_probs is not None
         if rescore:
-            return self._reranked(results, emissions, frame_shift, offset, alternatives, char_log_probs)
+            return self._reranked(results, emissions, frame_shift, offset, alternatives, char_log_probs, weight)
         best = max(results, key=lambda r: r.score)
         transcript = self._to_transcript(self._decoder._to_hypo([best])[0], emissions, frame_shift, offset, partial)
         if alternatives > 0:
@@ -426,7 +433,14 @@ class BeamSearchDecoder:
         return transcript
 
     def _reranked(
-        self, results, emissions: torch.Tensor, frame_shift: float, offset: float, alternatives: int, char_log_probs: torch.Tensor
+        self,
+        results,
+        emissions: torch.Tensor,
+        frame_shift: float,
+        offset: float,
+        alternatives: int,
+        char_log_probs: torch.Tensor,
+        char_weight: float,
     ) -> Transcript:
         """A phone search's final result reranked with the character layer: each of the ``RESCORED_TEXTS`` best texts
         scores the log-sum of its hypotheses' scores + ``char_weight`` x log P(text | character frames); the N-best
@@ -438,12 +452,16 @@ class BeamSearchDecoder:
             if text not in texts and len(texts) == RESCORED_TEXTS:
                 continue
             texts.setdefault(text, ([], hypothesis))[0].append(result.score)
-        spellable = [text for text in texts if all(ch in self.char_vocabulary.tokens for ch in text)]
+        encoded: dict[str, list[int]] = {}
+        for text in texts:
+            try:
+                encoded[text] = self.char_vocabulary.encode(text)
+            except ValueError:  # a hotword with a character the model cannot write: it keeps -inf
+                pass
         likelihoods = dict.fromkeys(texts, -math.inf)
-        encoded = [self.char_vocabulary.encode(text) for text in spellable]
-        likelihoods.update(zip(spellable, ctc_log_likelihoods(char_log_probs.detach().float().cpu(), encoded)))
+        likelihoods.update(zip(encoded, ctc_log_likelihoods(char_log_probs.detach().float().cpu(), list(encoded.values()))))
         # with no text the characters can spell in these frames, the phone search's order stands
-        weight = self.settings.char_weight if any(math.isfinite(v) for v in likelihoods.values()) else 0.0
+        weight = char_weight if any(math.isfinite(v) for v in likelihoods.values()) else 0.0
         scored = [
             (_logsumexp(scores) + (weight * likelihoods[text] if weight else 0.0), hypothesis)
             for text, (scores, hypothesis) in texts.items()

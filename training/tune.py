@@ -43,14 +43,17 @@ def tune_decoder(
             refs.append(utt.text)
     base = lm.settings if beam_size is None else replace(lm.settings, beam_size=beam_size)
     chars = recognizer.vocabulary if phones else None
+    weights = char_weights or [base.char_weight]
     results = []
     for weight, score in itertools.product(lm_weights, word_scores):
         settings = replace(base, lm_weight=weight, word_score=score)
         decoder = BeamSearchDecoder(recognizer.beam_vocabulary, lm, settings, char_vocabulary=chars)
-        for char_weight in char_weights or [base.char_weight]:
-            decoder.settings = replace(decoder.settings, char_weight=char_weight)  # read only when reranking
-            hyps = [decoder.decode(e, recognizer.frame_shift, char_log_probs=c).text for e, c in emissions]
-            rates = error_rates(refs, hyps)
+        if phones:  # one search per utterance, reranked with each weight
+            decoded = [decoder.decode_reranked(e, recognizer.frame_shift, c, weights) for e, c in emissions]
+        else:
+            decoded = [[decoder.decode(e, recognizer.frame_shift)] for e, _ in emissions]
+        for i, char_weight in enumerate(weights):
+            rates = error_rates(refs, [transcripts[i].text for transcripts in decoded])
             results.append({"lm_weight": weight, "word_score": score, "char_weight": char_weight, **rates})
             rerank = f" char_weight {char_weight:4.2f}" if phones else ""
             log(f"lm_weight {weight:5.2f} word_score {score:5.2f}{rerank}: WER {100 * rates['wer']:6.2f}% CER {100 * rates['cer']:6.2f}%")
