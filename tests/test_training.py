@@ -40,11 +40,13 @@ def test_resume_is_exact(tmp_path, overfit_manifest):
     augmented = dict(specaugment=True, augment=AugmentConfig(), model=_small())
     straight = train(tiny_train_config(tmp_path / "a", overfit_manifest, epochs=2, **augmented), log=lambda _m: None)
     # Stop in the middle of the first epoch, then resume in a new call.
-    config = tiny_train_config(tmp_path / "b", overfit_manifest, epochs=2, max_steps=13, **augmented)
+    config = tiny_train_config(tmp_path / "b", overfit_manifest, epochs=2, max_steps=13, keep_epochs=0, **augmented)
     train(config, log=lambda _m: None)
     from dataclasses import replace
 
     resumed = train(replace(config, max_steps=0), log=lambda _m: None)
+    assert sorted(p.name for p in straight.parent.glob("epoch-*.pt")) == ["epoch-001.pt", "epoch-002.pt"]
+    assert not list(resumed.parent.glob("epoch-*.pt"))  # keep_epochs=0
     a, b = load_model_file(straight).model.state_dict(), load_model_file(resumed).model.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
@@ -119,3 +121,38 @@ def test_manifest_converters(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [u.text for u in read_manifest(out)] == list(CLIPS.values())
     assert json.loads(out.read_text().splitlines()[0])["audio"].startswith("../")
+
+
+def test_last_epochs_are_kept_and_averaged(trained_run, tmp_path):
+    from asr.recognizer import BUNDLED_MODEL
+
+    kept = sorted(p.name for p in trained_run.glob("epoch-*.pt"))
+    assert kept == [f"epoch-{e:03d}.pt" for e in range(TRAINING_EPOCHS - 2, TRAINING_EPOCHS + 1)]  # keep_epochs = 3
+    paths = [trained_run / name for name in kept]
+    out = tmp_path / "avg.pt"
+    result = subprocess.run(
+        [sys.executable, "-m", "asr", "average", *map(str, paths), "-o", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    averaged = load_model_file(out)
+    states = [load_model_file(p).model.state_dict() for p in paths]
+    for key, value in averaged.model.state_dict().items():
+        expected = sum(s[key].double() for s in states) / 3 if value.is_floating_point() else states[-1][key]
+        torch.testing.assert_close(value, expected.to(value.dtype))
+    assert not torch.equal(states[0]["output.weight"], states[-1]["output.weight"])  # the epochs did differ
+    assert [s["epochs_completed"] for s in averaged.metadata["averaged_from"]] == [6, 7, 8]
+    assert averaged.metadata["epochs_completed"] == TRAINING_EPOCHS
+
+    # A model of another shape, and a single file, are refused with a clear message.
+    result = subprocess.run(
+        [sys.executable, "-m", "asr", "average", str(paths[0]), str(BUNDLED_MODEL), "-o", str(tmp_path / "x.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "only one run's models can be averaged" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "asr", "average", str(paths[0]), "-o", str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "at least two" in result.stderr
+    assert not (tmp_path / "x.pt").exists()

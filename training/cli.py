@@ -83,6 +83,13 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = run all epochs)")
+    p.add_argument(
+        "--keep-epochs",
+        type=int,
+        default=t.keep_epochs,
+        metavar="N",
+        help="keep the models of the last N epochs as OUT/epoch-NNN.pt, to average with `asr average` (0 = none)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run_train)
 
@@ -143,6 +150,7 @@ def run_train(args: argparse.Namespace) -> int:
             workers=args.workers,
             device=args.device,
             max_steps=args.max_steps,
+            keep_epochs=args.keep_epochs,
             progress=not args.no_progress,
             phone_loss_weight=args.phone_weight,
         )
@@ -475,8 +483,36 @@ def add_bench_accuracy_parser(bench_commands) -> None:
     p.set_defaults(handler=run_bench_accuracy)
 
 
+def run_average(args: argparse.Namespace) -> int:
+    from asr.checkpoint import CheckpointError, save_model
+
+    from .average import average_models
+
+    try:
+        bundle = average_models(args.models)
+        save_model(bundle, args.output)
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote the average of {len(args.models)} models to {args.output}", file=sys.stderr)
+    return 0
+
+
+def add_average_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "average",
+        help="average the weights of model files from one training run (e.g. its last epochs: OUT/epoch-*.pt)",
+        description="Write the element-wise mean of the models' weights. The models must share configuration, vocabularies "
+        "and feature normalisation, as the epoch models of one `asr train` run do (see its --keep-epochs).",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, help="model file to write")
+    p.set_defaults(handler=run_average)
+
+
 def register(subparsers, bench_commands) -> None:
     add_train_parser(subparsers)
+    add_average_parser(subparsers)
     add_data_parser(subparsers)
     add_lm_parser(subparsers)
     add_tune_parser(subparsers)

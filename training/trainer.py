@@ -70,6 +70,7 @@ class TrainConfig:
     workers: int = 2  # processes for feature extraction
     device: str = "auto"
     max_steps: int = 0  # stop after this many optimiser steps in total (0 = no limit)
+    keep_epochs: int = 3  # the last N epochs' models are kept as epoch-NNN.pt (for `asr average`)
     progress: bool = True
     phone_loss_weight: float = 1.0  # with a phone output layer (model.phone_vocab_size > 0): loss = chars + this x phones
 
@@ -80,8 +81,8 @@ class TrainConfig:
             raise ValueError("epochs >= 1, batch_frames >= 100 and learning_rate > 0 are required")
         if self.clip_grad_norm <= 0:
             raise ValueError("clip_grad_norm must be positive")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_steps < 0 or self.checkpoint_every < 1:
-            raise ValueError("warmup_steps, weight_decay and max_steps must be >= 0 and checkpoint_every >= 1")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_steps < 0 or self.keep_epochs < 0 or self.checkpoint_every < 1:
+            raise ValueError("warmup_steps, weight_decay, max_steps and keep_epochs must be >= 0 and checkpoint_every >= 1")
         if self.phone_loss_weight < 0:
             raise ValueError("phone_loss_weight must be >= 0")
         if not 0 <= self.min_learning_rate_ratio <= 1 or self.max_utterance_seconds <= 0:
@@ -510,6 +511,10 @@ def train(config: TrainConfig, log=print) -> Path:
             if wers and float(np.mean(wers)) < best_wer:
                 best_wer = float(np.mean(wers))
                 save_model(bundle({"epochs_completed": epoch, "steps": global_step, "dev_wer": round(best_wer, 4)}), out / "best.pt")
+        if main_process and config.keep_epochs:
+            save_model(bundle({"epochs_completed": epoch, "steps": global_step}), out / f"epoch-{epoch:03d}.pt")
+            for old in sorted(out.glob("epoch-[0-9][0-9][0-9].pt"))[: -config.keep_epochs]:
+                old.unlink()
         save_state()
 
     if world_size > 1:
