@@ -352,21 +352,26 @@ class BeamSearchDecoder:
     ) -> Transcript:
         """Best hypothesis for one utterance (and up to ``alternatives`` N-best entries); word times come from the
         decoder's token timesteps. ``char_log_probs`` (frames, chars): the character layer, to rerank a phone search."""
-        emissions = log_probs.detach().float().cpu().contiguous()
-        if emissions.shape[0] == 0:
+        emissions, results = self._search(log_probs)
+        if results is None:
             return Transcript("", [], 0.0)
-        results = self._decoder.decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])
         return self._result(results, emissions, frame_shift, offset, alternatives, False, char_log_probs)
 
     def decode_reranked(
         self, log_probs: torch.Tensor, frame_shift: float, char_log_probs: torch.Tensor, char_weights: list[float]
     ) -> list[Transcript]:
         """``decode`` once per reranking weight (for tuning): one phone search, its final texts reranked each way."""
+        emissions, results = self._search(log_probs)
+        if results is None:
+            return [Transcript("", [], 0.0) for _ in char_weights]
+        return [self._result(results, emissions, frame_shift, 0.0, 0, False, char_log_probs, w) for w in char_weights]
+
+    def _search(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, list | None]:
+        """One whole-utterance search: (the emissions as searched, flashlight's results; None for no frames)."""
         emissions = log_probs.detach().float().cpu().contiguous()
         if emissions.shape[0] == 0:
-            return [Transcript("", [], 0.0) for _ in char_weights]
-        results = self._decoder.decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])
-        return [self._result(results, emissions, frame_shift, 0.0, 0, False, char_log_probs, w) for w in char_weights]
+            return emissions, None
+        return emissions, self._decoder.decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])
 
     def begin(self) -> None:
         """Start incremental decoding of a new utterance (``step`` ... ``end``)."""

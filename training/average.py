@@ -24,26 +24,21 @@ def average_models(paths: Sequence[str | os.PathLike]) -> ModelBundle:
     if len(paths) < 2:
         raise ValueError("averaging needs at least two model files")
     bundles = [load_model_file(p) for p in paths]
-    first = bundles[0]
-    for path, other in zip(paths[1:], bundles[1:]):
-        if (
-            other.model.config != first.model.config
-            or other.feature_config != first.feature_config
-            or other.vocabulary.tokens != first.vocabulary.tokens
-            or (other.phone_vocabulary is None) != (first.phone_vocabulary is None)
-            or (other.phone_vocabulary is not None and other.phone_vocabulary.tokens != first.phone_vocabulary.tokens)
-        ):
-            raise CheckpointError(f"{path} differs from {paths[0]} in configuration or vocabulary; only one run's models can be averaged")
-        for name, value in other.model.state_dict().items():
-            if name in ("feature_mean", "feature_std") and not torch.equal(value, first.model.state_dict()[name]):
-                raise CheckpointError(f"{path} has a different feature normalisation from {paths[0]}")
     states = [b.model.state_dict() for b in bundles]
-    averaged = {}
-    for name, value in states[-1].items():
-        if value.is_floating_point():
-            averaged[name] = torch.stack([s[name].double() for s in states]).mean(0).to(value.dtype)
-        else:
-            averaged[name] = value
+
+    def shape(bundle: ModelBundle) -> tuple:
+        phones = bundle.phone_vocabulary.tokens if bundle.phone_vocabulary is not None else None
+        return bundle.model.config, bundle.feature_config, bundle.vocabulary.tokens, phones
+
+    for path, bundle, state in zip(paths[1:], bundles[1:], states[1:]):
+        if shape(bundle) != shape(bundles[0]):
+            raise CheckpointError(f"{path} differs from {paths[0]} in configuration or vocabulary; only one run's models can be averaged")
+        if not all(torch.equal(state[name], states[0][name]) for name in ("feature_mean", "feature_std")):
+            raise CheckpointError(f"{path} has a different feature normalisation from {paths[0]}")
+    averaged = {
+        name: torch.stack([s[name].double() for s in states]).mean(0).to(value.dtype) if value.is_floating_point() else value
+        for name, value in states[-1].items()
+    }
     result = bundles[-1]
     result.model.load_state_dict(averaged)
     result.metadata = {
