@@ -87,14 +87,19 @@ class FeatureAugment(torch.nn.Module):
         c = self.config
         if c.speed:
             features, lengths = self._speed(features, lengths)
-        power = features.exp()
         batch, device = features.shape[0], features.device
-        valid = (torch.arange(features.shape[1], device=device) < lengths.unsqueeze(1)).unsqueeze(2)  # (B, T, 1)
+        # Reverberation and noise add power; a batch that gets neither skips the exp/log round trip and its rounding.
+        power = None
         if c.reverb_prob:
-            power = self._reverb(power, torch.rand(batch, device=device) < c.reverb_prob)
+            chosen = torch.rand(batch, device=device) < c.reverb_prob
+            if bool(chosen.any()):
+                power = self._reverb(features.exp(), chosen)
         if c.noise_prob:
-            power = self._noise(power, valid, lengths, torch.rand(batch, device=device) < c.noise_prob)
-        out = torch.log(power.clamp_min(LOG_FLOOR))
+            chosen = torch.rand(batch, device=device) < c.noise_prob
+            if bool(chosen.any()):
+                valid = (torch.arange(features.shape[1], device=device) < lengths.unsqueeze(1)).unsqueeze(2)  # (B, T, 1)
+                power = self._noise(features.exp() if power is None else power, valid, lengths, chosen)
+        out = features if power is None else torch.log(power.clamp_min(LOG_FLOOR))
         if c.gain_db and c.gain_prob:
             chosen = torch.rand(batch, device=device) < c.gain_prob
             gain = torch.where(chosen, _uniform(-c.gain_db, c.gain_db, batch, device), 0.0) * (math.log(10) / 10)
@@ -129,9 +134,7 @@ class FeatureAugment(torch.nn.Module):
         return stretched, new_lengths
 
     def _reverb(self, power: Tensor, chosen: Tensor) -> Tensor:
-        rows = chosen.nonzero().squeeze(1)
-        if not len(rows):
-            return power
+        rows = chosen.nonzero().squeeze(1)  # (R,), at least one
         c = self.config
         device = power.device
         # Power decays 60 dB in RT60: each frame's tail keeps `decay` of the previous one (a first-order recursion,
@@ -148,9 +151,7 @@ class FeatureAugment(torch.nn.Module):
         return power.index_copy(0, rows, direct + scale.unsqueeze(2) * tail)
 
     def _noise(self, power: Tensor, valid: Tensor, lengths: Tensor, chosen: Tensor) -> Tensor:
-        rows = chosen.nonzero().squeeze(1)
-        if not len(rows):
-            return power
+        rows = chosen.nonzero().squeeze(1)  # (R,), at least one
         c = self.config
         batch, frames, bins = power.shape
         device = power.device
