@@ -179,3 +179,33 @@ def test_tune_decoder_grid_searches_and_stores_the_best(tiny_model, tmp_path):
     assert best["wer"] < max(r["wer"] for r in report["results"])  # a word score of -30 deletes words: the grid matters
     stored = json.loads((lm_dir / "decoder.json").read_text())
     assert (stored["lm_weight"], stored["word_score"]) == (report["best"]["lm_weight"], report["best"]["word_score"])
+
+
+def test_tune_decoder_reports_each_manifest_and_can_choose_by_their_mean(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import CLIPS, write_manifest
+    from tests.test_streaming import write_unigram_lm
+
+    words = sorted({w for text in CLIPS.values() for w in text.split()})
+    (tmp_path / "lm").mkdir()
+    lm_dir = write_unigram_lm(tmp_path / "lm", words)
+    names = sorted(CLIPS)
+    first = write_manifest(tmp_path / "a.jsonl", {n: CLIPS[n] for n in names[:1]})
+    rest = write_manifest(tmp_path / "b.jsonl", {n: CLIPS[n] for n in names[1:]})
+    command = [sys.executable, "-m", "asr", "tune-decoder", str(first), str(rest), "--model", str(tiny_model)]
+    command += ["--lm", str(lm_dir), "--lm-weights", "0.7", "--word-scores", "-30", "1", "--criterion", "mean"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for row in report["results"]:
+        assert set(row["manifests"]) == {str(first), str(rest)}
+        per_manifest = [r["wer"] for r in row["manifests"].values()]
+        assert row["mean_wer"] == pytest.approx(sum(per_manifest) / 2)
+    best = min(report["results"], key=lambda r: (r["mean_wer"], r["cer"]))
+    assert report["best"]["word_score"] == best["word_score"]
+    assert "mean WER" in result.stderr
+
+    bad = subprocess.run(command[:-1] + ["median"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "criterion" in bad.stderr

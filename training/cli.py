@@ -419,6 +419,7 @@ def run_tune(args: argparse.Namespace) -> int:
             args.limit,
             log=lambda m: print(m, file=sys.stderr),
             char_weights=args.char_weights,
+            criterion=args.criterion,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -447,6 +448,12 @@ def add_tune_parser(subparsers) -> None:
         help="with --units phones: weights of the character layer when reranking finals (default: the LM's own value)",
     )
     p.add_argument("--limit", type=int, default=0, help="use the first N utterances of each manifest")
+    p.add_argument(
+        "--criterion",
+        choices=("pooled", "mean"),
+        default="pooled",
+        help="pooled: the lowest WER over all words; mean: the lowest mean of the manifests' WERs (each domain counts the same)",
+    )
     p.add_argument("--dry-run", action="store_true", help="report without saving")
     p.set_defaults(handler=run_tune)
 
