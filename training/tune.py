@@ -51,7 +51,8 @@ def tune_decoder(
             log_probs = recognizer.log_probs(iter_audio(utt.audio))
             emissions.append((recognizer.select(log_probs, phones), recognizer.select(log_probs, False) if phones else None))
             refs.append(utt.text)
-        spans[str(manifest)] = (start, len(refs))
+        if any(text.strip() for text in refs[start:]):  # a manifest of silences has no WER of its own
+            spans[str(manifest)] = (start, len(refs))
     base = lm.settings if beam_size is None else replace(lm.settings, beam_size=beam_size)
     chars = recognizer.vocabulary if phones else None
     weights = char_weights or [base.char_weight]
@@ -67,7 +68,7 @@ def tune_decoder(
             hypotheses = [transcripts[i].text for transcripts in decoded]
             rates = error_rates(refs, hypotheses)
             per_manifest = {name: error_rates(refs[a:b], hypotheses[a:b]) for name, (a, b) in spans.items()}
-            mean_wer = sum(r["wer"] for r in per_manifest.values()) / len(per_manifest)
+            mean_wer = sum(r["wer"] for r in per_manifest.values()) / max(len(per_manifest), 1)
             setting = {"lm_weight": weight, "word_score": score, "char_weight": char_weight}
             results.append({**setting, **rates, "mean_wer": mean_wer, "manifests": per_manifest})
             rerank = f" char_weight {char_weight:4.2f}" if phones else ""
