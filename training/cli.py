@@ -436,6 +436,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def add_tune_parser(subparsers) -> None:
+    from .tune import CRITERIA
+
     p = subparsers.add_parser("tune-decoder", help="grid-search LM weight and word score on dev manifests; store the best with the LM")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
     add_model_options(p)
@@ -450,7 +452,7 @@ def add_tune_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=0, help="use the first N utterances of each manifest")
     p.add_argument(
         "--criterion",
-        choices=("pooled", "mean"),
+        choices=CRITERIA,
         default="pooled",
         help="pooled: the lowest WER over all words; mean: the lowest mean of the manifests' WERs (each domain counts the same)",
     )
