@@ -90,4 +90,5 @@ def test_bench_train_runs_the_training_loop_in_two_processes(tmp_path):
     assert report["processes"] == 2 and report["steps"] == 20
     assert report["device"].startswith("cpu (2 x 1 threads")
     assert report["model"]["hidden_size"] == 16
+    assert report["precision"] in ("float32", "bfloat16")  # what the trainer chose, read from its log
     assert report["audio_sec_per_wall_sec"] > 0

@@ -7,6 +7,7 @@ import torch
 
 from asr.checkpoint import load_model_file
 from tests.conftest import CLIPS, DATA, TRAINING_EPOCHS, tiny_train_config, write_manifest
+from training import precision, trainer
 from training.augment import AugmentConfig
 from training.data import bucket_batches, build_examples, collate, load_features, prefetched_batches
 from training.manifest import from_librispeech, from_table, read_manifest
@@ -36,7 +37,12 @@ def test_training_loss_falls_and_curves_are_written(trained_run):
     assert (trained_run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_resume_is_exact(tmp_path, overfit_manifest):
+def test_resume_is_exact(tmp_path, overfit_manifest, monkeypatch):
+    # In bfloat16 (emulated where the CPU lacks it), as the trainer chose when the run started: the resumed part keeps
+    # it although its own timing would now choose float32.
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(trainer, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "faster_on_cpu", lambda step: True)
     augmented = dict(specaugment=True, augment=AugmentConfig(), model=_small())
     straight = train(tiny_train_config(tmp_path / "a", overfit_manifest, epochs=2, **augmented), log=lambda _m: None)
     # Stop in the middle of the first epoch, then resume in a new call.
@@ -44,7 +50,11 @@ def test_resume_is_exact(tmp_path, overfit_manifest):
     train(config, log=lambda _m: None)
     from dataclasses import replace
 
-    resumed = train(replace(config, max_steps=0), log=lambda _m: None)
+    monkeypatch.setattr(precision, "faster_on_cpu", lambda step: False)
+    messages = []
+    resumed = train(replace(config, max_steps=0), log=messages.append)
+    assert "computing in bfloat16" in messages
+    assert load_model_file(resumed).metadata["precision"] == load_model_file(straight).metadata["precision"] == "bfloat16"
     assert sorted(p.name for p in straight.parent.glob("epoch-*.pt")) == ["epoch-001.pt", "epoch-002.pt"]
     assert not list(resumed.parent.glob("epoch-*.pt"))  # keep_epochs=0
     a, b = load_model_file(straight).model.state_dict(), load_model_file(resumed).model.state_dict()

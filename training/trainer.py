@@ -9,6 +9,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from .data import (
     prefetched_batches,
 )
 from .metrics import error_rates
-from .precision import training_precision
+from .precision import Precision, cpu_has_native_bfloat16, precision_named, training_precision
 from .shards import file_sha256
 
 STATE_FILE = "train_state.pt"
@@ -280,6 +281,43 @@ def _check_replicas_in_sync(model: torch.nn.Module, world_size: int) -> None:
         raise RuntimeError(f"model replicas diverged across processes: {[g.tolist() for g in gathered]}")
 
 
+def _precision_probe(model: CTCModel, device: torch.device, head: str) -> Callable[[torch.dtype | None], None]:
+    """One forward and backward of ``model`` on two random 6 s utterances in a given type (None: float32), for timing.
+
+    The random number generators and the gradients are left as they were: a run's results do not depend on the probe.
+    """
+
+    def step(dtype: torch.dtype | None) -> None:
+        with torch.random.fork_rng(devices=[]):
+            feats = torch.randn(2, 600, model.config.n_mels, device=device)
+            lengths = torch.full((2,), 600, device=device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                log_probs, _, _ = model(feats, lengths, head=head)
+            log_probs.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _run_precision(
+    config: TrainConfig, device: torch.device, world_size: int, probe: Callable[[torch.dtype | None], None], state: dict | None
+) -> Precision:
+    """The number type of the run. A resumed run keeps the one it was started with where this device computes it
+    natively (so that it resumes exactly); otherwise ``training_precision`` chooses, on a CPU by timing ``probe`` in
+    each type, and all processes then use float32 if any of them timed it faster."""
+    if state is not None and "precision" in state and config.amp:
+        kept = precision_named(state["precision"])
+        if kept.dtype is None or device.type == "cuda" or cpu_has_native_bfloat16():
+            return kept
+    precision = training_precision(device, config.amp, probe if device.type == "cpu" else None)
+    if world_size > 1 and device.type == "cpu":
+        any_float32 = torch.tensor([int(precision.dtype is None)])
+        dist.all_reduce(any_float32, op=dist.ReduceOp.MAX)
+        if any_float32.item():
+            precision = Precision(None, False)
+    return precision
+
+
 def train(config: TrainConfig, log=print) -> Path:
     """Train (or resume) a model; returns the path of the final model file."""
     rank, local_rank, world_size = _distributed()
@@ -333,12 +371,15 @@ def train(config: TrainConfig, log=print) -> Path:
         mean, std = feature_statistics(train_sets)
         model.set_normalization(torch.from_numpy(mean), torch.from_numpy(std))
     model.to(device)
+    head = "chars" if phones is None else "both"
+    state_path = out / STATE_FILE
+    state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None
+    precision = _run_precision(config, device, world_size, _precision_probe(model, device, head), state)
     ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = len(bucket_batches(examples, config.batch_frames, config.seed, 0, rank, world_size))
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
-    precision = training_precision(device, config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
     if main_process:
         log(f"computing in {precision.name}" + (" with loss scaling" if precision.loss_scaling else ""))
@@ -347,9 +388,7 @@ def train(config: TrainConfig, log=print) -> Path:
     ctc_loss = torch.nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
 
     epoch, step_in_epoch, global_step, best_wer = 0, 0, 0, math.inf
-    state_path = out / STATE_FILE
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if state is not None:
         if state["config"] != json.dumps(asdict(config.model)):
             raise ValueError(f"{state_path} was written for a different model configuration; use a new output folder")
         if state.get("init", "") != init_digest:
@@ -362,6 +401,7 @@ def train(config: TrainConfig, log=print) -> Path:
         _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         if main_process:
             log(f"resumed from {state_path}: epoch {epoch + 1}, step {global_step}")
+        state = None  # its copies of the weights and optimiser moments are loaded; free them
 
     metrics = MetricsLog(out) if main_process else None
     metadata = {
@@ -369,6 +409,7 @@ def train(config: TrainConfig, log=print) -> Path:
         "train_hours": round(hours, 3),
         "train_config": json.dumps({k: v for k, v in asdict(config).items() if k != "model"}),
         "device": str(device.type),
+        "precision": precision.name,
         "world_size": world_size,
     }
     if init is not None:
@@ -401,6 +442,7 @@ def train(config: TrainConfig, log=print) -> Path:
             "global_step": global_step,
             "best_wer": best_wer,
             "rng": rng,
+            "precision": precision.name,
         }
         torch.save(state, state_path.with_suffix(".tmp"))
         os.replace(state_path.with_suffix(".tmp"), state_path)
@@ -429,7 +471,7 @@ def train(config: TrainConfig, log=print) -> Path:
                 normalised = (feats - model.feature_mean) / model.feature_std
                 feats = augment(normalised) * model.feature_std + model.feature_mean
             with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
-                log_probs, out_lengths, _ = ddp_model(feats, lengths, head="chars" if phones is None else "both")
+                log_probs, out_lengths, _ = ddp_model(feats, lengths, head=head)
             log_probs = log_probs.float().transpose(0, 1)
             loss_sum = ctc_loss(
                 log_probs[:, :, : len(vocabulary)], batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device)
