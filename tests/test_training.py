@@ -94,6 +94,15 @@ def test_bucketed_batches_respect_budget_and_split_across_ranks(tmp_path):
     rank1 = bucket_batches(examples, 1200, 1, 0, rank=1, world_size=2)
     assert len(rank0) == len(rank1) and not {i for b in rank0 for i in b} & {i for b in rank1 for i in b}
 
+    # SortaGrad: the same batches, from the shortest to the longest, on every rank.
+    longest = [max(examples[i].frames for i in b) for b in batches]
+    ascending = bucket_batches(examples, 1200, seed=1, epoch=0, shortest_first=True)
+    assert sorted(map(sorted, ascending)) == sorted(map(sorted, batches)) and longest != sorted(longest)
+    assert [max(examples[i].frames for i in b) for b in ascending] == sorted(longest)
+    for rank in (0, 1):
+        split = [max(examples[i].frames for i in b) for b in bucket_batches(examples, 1200, 1, 0, rank, 2, shortest_first=True)]
+        assert split == sorted(split)
+
     # The trainer's background collation gives exactly collate()'s batches, in order, and can be left early.
     expected = [collate([fs], examples, b) for b in batches]
     got = list(prefetched_batches([fs], examples, batches, depth=3))
@@ -166,3 +175,17 @@ def test_last_epochs_are_kept_and_averaged(trained_run, tmp_path):
     )
     assert result.returncode == 2 and "at least two" in result.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_the_first_epochs_go_shortest_first_when_asked(tmp_path, overfit_manifest, monkeypatch):
+    orders = []
+    bucket = trainer.bucket_batches
+
+    def recording(examples, batch_frames, seed, epoch, rank=0, world_size=1, shortest_first=False):
+        orders.append((epoch, shortest_first))
+        return bucket(examples, batch_frames, seed, epoch, rank, world_size, shortest_first)
+
+    monkeypatch.setattr(trainer, "bucket_batches", recording)
+    config = tiny_train_config(tmp_path, overfit_manifest, epochs=3, shortest_first_epochs=2, model=_small(), keep_epochs=0)
+    train(config, log=lambda _m: None)
+    assert orders[1:] == [(0, True), (1, True), (2, False)]  # the first call only counts the steps of an epoch

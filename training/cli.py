@@ -62,6 +62,14 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--max-utterance-seconds", type=float, default=40.0)
     p.add_argument("--lr", type=float, help=f"peak learning rate; default {t.learning_rate}; fine-tuning {f['learning_rate']}")
     p.add_argument("--warmup-steps", type=int, help=f"default {t.warmup_steps}; fine-tuning {f['warmup_steps']}")
+    p.add_argument(
+        "--shortest-first-epochs",
+        type=int,
+        metavar="N",
+        help="the first N epochs go from the shortest utterances to the longest instead of in random order (SortaGrad: "
+        f"it shortens the all-blank start of a model trained from scratch); default {t.shortest_first_epochs}; "
+        f"fine-tuning {f['shortest_first_epochs']}",
+    )
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--clip-grad-norm", type=float, default=5.0)
     p.add_argument("--no-specaugment", action="store_true")
@@ -120,7 +128,13 @@ def run_train(args: argparse.Namespace) -> int:
         lookahead_frames=args.lookahead_frames,
         phone_vocab_size=len(PHONE_TOKENS) if args.phones else None,
     )
-    schedule = _given(epochs=args.epochs, batch_frames=args.batch_frames, learning_rate=args.lr, warmup_steps=args.warmup_steps)
+    schedule = _given(
+        epochs=args.epochs,
+        batch_frames=args.batch_frames,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        shortest_first_epochs=args.shortest_first_epochs,
+    )
     try:
         if args.init:
             model = init_model_config(load_model_file(resolve_init_model(args.init)).model.config, **model_settings)

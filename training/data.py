@@ -228,9 +228,16 @@ def build_examples(
 
 
 def bucket_batches(
-    examples: list[Example], batch_frames: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+    examples: list[Example],
+    batch_frames: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shortest_first: bool = False,
 ) -> list[list[int]]:
-    """Batches of similar length whose padded size stays under ``batch_frames`` 10 ms frames.
+    """Batches of similar length whose padded size stays under ``batch_frames`` 10 ms frames, in random order, or
+    from the shortest utterances to the longest with ``shortest_first`` (SortaGrad, Deep Speech 2).
 
     The order depends only on (seed, epoch), so an interrupted epoch can be resumed exactly.
     Each rank gets every world_size-th batch; all ranks get the same number of batches.
@@ -247,7 +254,8 @@ def bucket_batches(
         longest = longest_if_added
     if current:
         batches.append(current)
-    rng.shuffle(batches)
+    if not shortest_first:
+        rng.shuffle(batches)
     usable = len(batches) - len(batches) % world_size if len(batches) >= world_size else len(batches)
     return batches[rank:usable:world_size]
 

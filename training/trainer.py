@@ -42,7 +42,7 @@ from .shards import file_sha256
 STATE_FILE = "train_state.pt"
 # Settings for adapting an existing model (``init_model``) to minutes or a few hours of new audio: a lower peak rate
 # that keeps what the model knows, a short warm-up, smaller batches so that there are enough steps, fewer epochs.
-FINETUNE_DEFAULTS = {"epochs": 10, "learning_rate": 5e-4, "warmup_steps": 30, "batch_frames": 4_000}
+FINETUNE_DEFAULTS = {"epochs": 10, "learning_rate": 5e-4, "warmup_steps": 30, "batch_frames": 4_000, "shortest_first_epochs": 0}
 # ModelConfig fields that fix the weights' shapes: a fine-tuned model keeps those of the model it starts from.
 SHAPE_FIELDS = ("n_mels", "stack_frames", "hidden_size", "num_layers", "cell", "vocab_size")
 
@@ -60,6 +60,9 @@ class TrainConfig:
     learning_rate: float = 2e-3
     min_learning_rate_ratio: float = 0.05
     warmup_steps: int = 300
+    # The first N epochs take their batches from the shortest utterances to the longest (SortaGrad): from scratch, CTC
+    # learns its first alignments on short utterances, and the all-blank start is shorter (docs/model.md).
+    shortest_first_epochs: int = 1
     weight_decay: float = 1e-2
     clip_grad_norm: float = 5.0
     specaugment: bool = True
@@ -82,8 +85,16 @@ class TrainConfig:
             raise ValueError("epochs >= 1, batch_frames >= 100 and learning_rate > 0 are required")
         if self.clip_grad_norm <= 0:
             raise ValueError("clip_grad_norm must be positive")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_steps < 0 or self.keep_epochs < 0 or self.checkpoint_every < 1:
-            raise ValueError("warmup_steps, weight_decay, max_steps and keep_epochs must be >= 0 and checkpoint_every >= 1")
+        if (
+            min(self.warmup_steps, self.shortest_first_epochs) < 0
+            or self.weight_decay < 0
+            or self.max_steps < 0
+            or self.keep_epochs < 0
+            or self.checkpoint_every < 1
+        ):
+            raise ValueError(
+                "warmup_steps, shortest_first_epochs, weight_decay, max_steps and keep_epochs must be >= 0 and checkpoint_every >= 1"
+            )
         if self.phone_loss_weight < 0:
             raise ValueError("phone_loss_weight must be >= 0")
         if not 0 <= self.min_learning_rate_ratio <= 1 or self.max_utterance_seconds <= 0:
@@ -451,7 +462,8 @@ def train(config: TrainConfig, log=print) -> Path:
     started = time.time()
     stopped_early = False
     while epoch < config.epochs and not stopped_early:
-        batches = bucket_batches(examples, config.batch_frames, config.seed, epoch, rank, world_size)
+        shortest_first = epoch < config.shortest_first_epochs
+        batches = bucket_batches(examples, config.batch_frames, config.seed, epoch, rank, world_size, shortest_first)
         progress = None
         if main_process and config.progress:
             from tqdm import tqdm
