@@ -325,7 +325,7 @@ def _run_precision(
         any_float32 = torch.tensor([int(precision.dtype is None)])
         dist.all_reduce(any_float32, op=dist.ReduceOp.MAX)
         if any_float32.item():
-            precision = Precision(None, False)
+            precision = precision_named("float32")
     return precision
 
 
@@ -385,6 +385,11 @@ def train(config: TrainConfig, log=print) -> Path:
     head = "chars" if phones is None else "both"
     state_path = out / STATE_FILE
     state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None
+    if state is not None:  # checked before anything is timed or allocated for the run
+        if state["config"] != json.dumps(asdict(config.model)):
+            raise ValueError(f"{state_path} was written for a different model configuration; use a new output folder")
+        if state.get("init", "") != init_digest:
+            raise ValueError(f"{state_path} was written for a run with a different initial model; use a new output folder")
     precision = _run_precision(config, device, world_size, _precision_probe(model, device, head), state)
     ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -400,10 +405,6 @@ def train(config: TrainConfig, log=print) -> Path:
 
     epoch, step_in_epoch, global_step, best_wer = 0, 0, 0, math.inf
     if state is not None:
-        if state["config"] != json.dumps(asdict(config.model)):
-            raise ValueError(f"{state_path} was written for a different model configuration; use a new output folder")
-        if state.get("init", "") != init_digest:
-            raise ValueError(f"{state_path} was written for a run with a different initial model; use a new output folder")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
