@@ -148,7 +148,7 @@ def _stack_states(states: list, model: CTCModel, device: torch.device) -> list:
     hidden = model.config.hidden_size
     zeros = torch.zeros(1, 1, hidden, device=device)
     batched = []
-    for layer in range(model.config.num_layers):
+    for layer in range(model.num_rnn_layers):
         parts = [s[layer] if s is not None else None for s in states]
         if model.config.cell == "lstm":
             batched.append(tuple(torch.cat([p[i] if p is not None else zeros for p in parts], dim=1) for i in range(2)))

@@ -30,6 +30,7 @@ class ModelConfig:
     chunk_frames: int = 13  # model frames per chunk (0 = whole utterance)
     lookahead_frames: int = 10  # model frames of right context for the backward direction
     phone_vocab_size: int = 0  # > 0: a second output layer, over phones (asr/phones.py), on the same encoder
+    char_layers: int = 0  # > 0: BiRNN layers on top of the encoder that only the character output reads
 
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):
@@ -42,6 +43,8 @@ class ModelConfig:
             raise ValueError("chunk_frames and lookahead_frames must be >= 0")
         if self.phone_vocab_size < 0:
             raise ValueError("phone_vocab_size must be >= 0")
+        if self.char_layers < 0:
+            raise ValueError("char_layers must be >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,6 +189,9 @@ class CTCModel(nn.Module):
     """features (B, T, n_mels) normalised log-mel -> log-probabilities (B, T // stack, vocab).
 
     With ``phone_vocab_size`` > 0 a second output layer gives phone log-probabilities from the same encoder.
+    With ``char_layers`` > 0 the character logits are the encoder's through ``output`` plus those of a branch of
+    further BiRNN layers through ``char_branch_output``, which starts at zero: a model given a branch starts out
+    computing what it did without one, and the branch learns what the shared layers left to spelling.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -200,6 +206,17 @@ class CTCModel(nn.Module):
         )
         self.output = nn.Linear(2 * config.hidden_size, config.vocab_size)
         self.phone_output = nn.Linear(2 * config.hidden_size, config.phone_vocab_size) if config.phone_vocab_size else None
+        width = 2 * config.hidden_size
+        self.char_branch = nn.ModuleList(ChunkedBiRNNLayer(width, config.hidden_size, config.cell) for _ in range(config.char_layers))
+        self.char_branch_output = nn.Linear(width, config.vocab_size) if config.char_layers else None
+        if self.char_branch_output is not None:
+            nn.init.zeros_(self.char_branch_output.weight)
+            nn.init.zeros_(self.char_branch_output.bias)
+
+    @property
+    def num_rnn_layers(self) -> int:
+        """Entries in a forward state: the encoder's layers, then the character branch's."""
+        return self.config.num_layers + self.config.char_layers
 
     def _dropout(self, x: Tensor) -> Tensor:
         """Inverted dropout in training, on 16 random bits per element.
@@ -265,19 +282,31 @@ class CTCModel(nn.Module):
         window_lengths = (lengths.unsqueeze(1) - chunk_starts.unsqueeze(0)).clamp(0, chunk + lookahead).flatten()
 
         main, context = x[:, : n_chunks * chunk], x[:, context_index]
-        state = list(state) if state is not None else [None] * len(self.layers)
+        state = list(state) if state is not None else [None] * self.num_rnn_layers
         for i, layer in enumerate(self.layers):
             if i > 0:
                 main, context = self._dropout(main), self._dropout(context)
             main, context, state[i] = layer(main, context, window_lengths, chunk, state[i])
         hidden = self._dropout(main[:, :num_output])
-        if head == "chars":
-            log_probs = self.output(hidden).log_softmax(dim=-1)
-        elif head == "phones":
-            log_probs = self.phone_output(hidden).log_softmax(dim=-1)
-        else:
-            log_probs = torch.cat([self.output(hidden).log_softmax(dim=-1), self.phone_output(hidden).log_softmax(dim=-1)], dim=-1)
+        outputs = []
+        if head != "phones":
+            char_logits = self.output(hidden)
+            if self.config.char_layers:
+                char_logits = char_logits + self.char_branch_output(
+                    self._run_char_branch(main, context, window_lengths, chunk, state)[:, :num_output]
+                )
+            outputs.append(char_logits.log_softmax(dim=-1))
+        if head != "chars":
+            outputs.append(self.phone_output(hidden).log_softmax(dim=-1))
+        log_probs = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
         return log_probs, lengths.clamp(max=num_output), state
+
+    def _run_char_branch(self, main: Tensor, context: Tensor, window_lengths: Tensor, chunk: int, state: list) -> Tensor:
+        """The character branch over the encoder's (main, context); updates its entries of ``state`` in place."""
+        for i, layer in enumerate(self.char_branch, start=self.config.num_layers):
+            main, context = self._dropout(main), self._dropout(context)
+            main, context, state[i] = layer(main, context, window_lengths, chunk, state[i])
+        return self._dropout(main)
 
     def output_width(self, head: str = "chars") -> int:
         """Size of the last dimension of the log-probs that ``forward`` returns for ``head``."""

@@ -45,6 +45,21 @@ def test_fine_tuning_starts_from_the_models_weights_and_normalisation(tmp_path, 
     assert record["train_manifests"] == ["corpus/train"] and record["steps"] == 7
 
 
+def test_a_character_branch_added_by_fine_tuning_starts_from_the_model_and_learns(tmp_path, overfit_manifest, init_model):
+    branched = replace(SMALL, char_layers=1)
+    assert init_model_config(SMALL, char_layers=1) == branched
+    with pytest.raises(ValueError, match="1 character-branch layers; it keeps them"):
+        init_model_config(branched, char_layers=0)
+    result = train(_config(tmp_path, overfit_manifest, init_model, "branch", model=branched, max_steps=3), log=lambda _m: None)
+    before, after = load_model_file(init_model).model.state_dict(), load_model_file(result)
+    assert after.model.config.char_layers == 1
+    end = after.model.state_dict()
+    shared = [k for k in before if k not in ("feature_mean", "feature_std")]
+    assert max(float((end[k] - before[k]).abs().max()) for k in shared) <= 6 * LR  # three steps from the init weights
+    assert float(end["char_branch_output.weight"].abs().max()) > 0  # the branch, at zero to begin with, is learning
+    assert sorted(set(end) - set(before)) == sorted(k for k in end if k.startswith("char_branch"))
+
+
 def test_fine_tuning_resumes_exactly_and_refuses_a_different_shape(tmp_path, overfit_manifest, init_model):
     straight = train(_config(tmp_path, overfit_manifest, init_model, "a", specaugment=True), log=lambda _m: None)
     config = _config(tmp_path, overfit_manifest, init_model, "b", specaugment=True, max_steps=13)
@@ -83,6 +98,8 @@ def test_train_cli_init_bundled(tmp_path, capsys):
     assert main([*common, "--init", "bundled", "--hidden-size", "256", "--num-layers", "4"]) == 2
     err = capsys.readouterr().err
     assert "hidden_size=256 (it has 224)" in err and "num_layers" not in err  # 4 layers is the bundled model's own
+    assert main([*common, "--init", "bundled", "--char-layers", "-1"]) == 2
+    assert "char_layers must be >= 0" in capsys.readouterr().err
     assert main([*common, "--init", str(tmp_path / "missing.pt")]) == 2
     assert "model file not found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

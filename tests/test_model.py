@@ -187,3 +187,66 @@ def test_dropout_drops_at_its_rate_keeps_the_mean_and_is_seeded(rate):
     flat = (first == 0).flatten().double()
     assert all(abs(flat[k::4].mean().item() - rate) < 0.02 for k in range(4))
     assert torch.equal(model.eval()._dropout(x), x)
+
+
+def _with_trained_branch(**kw) -> CTCModel:
+    """A model with a character branch whose output layer is no longer zero, as after training."""
+    model = make_model(phone_vocab_size=41, char_layers=1, **kw)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.char_branch_output.weight.normal_(0, 0.3)
+    return model
+
+
+def test_a_character_branch_starts_out_changing_nothing():
+    """A branch added to a trained model (``asr train --init M --char-layers 1``) leaves its outputs as they were."""
+    plain = make_model(phone_vocab_size=41, chunk_frames=4, lookahead_frames=2)
+    branched = CTCModel(ModelConfig(hidden_size=32, num_layers=3, phone_vocab_size=41, chunk_frames=4, lookahead_frames=2, char_layers=2))
+    missing, unexpected = branched.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("char_branch") for k in missing)
+    branched.eval()
+    feats, lengths = torch.randn(2, 90, 80), torch.tensor([90, 47])
+    for head in ("chars", "phones", "both"):
+        torch.testing.assert_close(branched(feats, lengths, head=head)[0], plain(feats, lengths, head=head)[0])
+    assert len(branched(feats, lengths)[2]) == branched.num_rnn_layers == 5
+    trained = _with_trained_branch(chunk_frames=4, lookahead_frames=2)
+    chars, phones = trained(feats, lengths, head="chars")[0], trained(feats, lengths, head="phones")[0]
+    torch.testing.assert_close(trained(feats, lengths, head="both")[0], torch.cat([chars, phones], dim=-1))
+    with pytest.raises(ValueError, match="char_layers"):
+        ModelConfig(char_layers=-1)
+
+
+@pytest.mark.parametrize("head", ["chars", "both", "phones"])
+def test_chunk_by_chunk_equals_one_pass_with_a_character_branch(head):
+    model = _with_trained_branch(chunk_frames=4, lookahead_frames=3)
+    stack = model.config.stack_frames
+    feats = torch.randn(1, 3 * 41, 80)
+    whole = model(feats, torch.tensor([feats.shape[1]]), head=head)[0][0]
+    state, pieces, start = None, [], 0
+    step, context = 4 * stack, 3 * stack
+    while feats.shape[1] - start >= step + context:
+        piece = feats[:, start : start + step + context]
+        out, _, state = model(piece, torch.tensor([piece.shape[1]]), state, num_output=4, head=head)
+        pieces.append(out[0])
+        start += step
+    rest = feats[:, start:]
+    pieces.append(model(rest, torch.tensor([rest.shape[1]]), state, head=head)[0][0])
+    torch.testing.assert_close(torch.cat(pieces), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_streams_batched_together_equal_each_alone_with_a_character_branch():
+    import numpy as np
+
+    from asr.encoder import ChunkedEncoder, encode_ready_chunks
+
+    model = _with_trained_branch(chunk_frames=4, lookahead_frames=3)
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((n, 80)).astype(np.float32) for n in (130, 97, 151)]
+    alone = [torch.cat([ChunkedEncoder(model, torch.device("cpu"), 0.03, head="both").accept(x)]) for x in inputs]
+    encoders = [ChunkedEncoder(model, torch.device("cpu"), 0.03, head="both") for _ in inputs]
+    for encoder, x in zip(encoders, inputs):
+        encoder.push(x)
+    together = encode_ready_chunks(encoders)
+    for got, expected in zip(together, alone):
+        assert len(got) == len(expected) > 20
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

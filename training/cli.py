@@ -51,6 +51,12 @@ def add_train_parser(subparsers) -> None:
         "package, and espeak-ng for words outside CMUdict); decode it with an LM built with `asr lm build --units phones`",
     )
     p.add_argument(
+        "--char-layers",
+        type=int,
+        help=f"BiRNN layers on top of the encoder that only the character output reads; default {d.char_layers} "
+        "(with --init: the init model's; a branch may be added to a model without one, and starts out changing nothing)",
+    )
+    p.add_argument(
         "--phone-weight", type=float, default=t.phone_loss_weight, help="weight of the phone CTC loss (the character loss has 1)"
     )
     p.add_argument("--epochs", type=int, help=f"default {t.epochs}; fine-tuning {f['epochs']}")
@@ -127,6 +133,7 @@ def run_train(args: argparse.Namespace) -> int:
         chunk_frames=args.chunk_frames,
         lookahead_frames=args.lookahead_frames,
         phone_vocab_size=len(PHONE_TOKENS) if args.phones else None,
+        char_layers=args.char_layers,
     )
     schedule = _given(
         epochs=args.epochs,

@@ -114,11 +114,14 @@ def init_model_config(init: ModelConfig, **settings) -> ModelConfig:
     """The configuration of a model initialised from one with configuration ``init``, with ``settings`` applied.
 
     Raises ValueError when a setting would change the shape of the weights (``SHAPE_FIELDS``); dropout, chunk
-    and lookahead may change, and a phone output layer may be added to a model without one.
+    and lookahead may change, and a phone output layer or a character branch may be added to a model without one.
     """
     phones = settings.get("phone_vocab_size", init.phone_vocab_size)
     if init.phone_vocab_size and phones != init.phone_vocab_size:
         raise ValueError(f"the model to initialise from has {init.phone_vocab_size} phone outputs; it keeps them")
+    char_layers = settings.get("char_layers", init.char_layers)
+    if init.char_layers and char_layers != init.char_layers:
+        raise ValueError(f"the model to initialise from has {init.char_layers} character-branch layers; it keeps them")
     differing = [k for k in SHAPE_FIELDS if k in settings and settings[k] != getattr(init, k)]
     conflicts = [f"{k}={settings[k]!r} (it has {getattr(init, k)!r})" for k in differing]
     if conflicts:
@@ -372,9 +375,9 @@ def train(config: TrainConfig, log=print) -> Path:
         log(f"training on {len(examples)} utterances ({hours:.2f} h), skipped {skipped}; {world_size} process(es) on {device}")
 
     model = CTCModel(config.model)
-    if init is not None:  # its weights and feature normalisation, kept as they are; a new phone layer starts afresh
+    if init is not None:  # its weights and feature normalisation, kept as they are; a new phone layer or branch starts afresh
         missing, unexpected = model.load_state_dict(init.model.state_dict(), strict=False)
-        if unexpected or any(not key.startswith("phone_output.") for key in missing):
+        if unexpected or any(not key.startswith(("phone_output.", "char_branch")) for key in missing):
             raise ValueError(f"cannot initialise from {config.init_model}: missing {missing}, unexpected {unexpected}")
         if main_process:
             log(f"initialised from {config.init_model} ({init_digest})")
