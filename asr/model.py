@@ -204,9 +204,9 @@ class CTCModel(nn.Module):
             ChunkedBiRNNLayer(input_size if i == 0 else 2 * config.hidden_size, config.hidden_size, config.cell)
             for i in range(config.num_layers)
         )
-        self.output = nn.Linear(2 * config.hidden_size, config.vocab_size)
-        self.phone_output = nn.Linear(2 * config.hidden_size, config.phone_vocab_size) if config.phone_vocab_size else None
         width = 2 * config.hidden_size
+        self.output = nn.Linear(width, config.vocab_size)
+        self.phone_output = nn.Linear(width, config.phone_vocab_size) if config.phone_vocab_size else None
         self.char_branch = nn.ModuleList(ChunkedBiRNNLayer(width, config.hidden_size, config.cell) for _ in range(config.char_layers))
         self.char_branch_output = nn.Linear(width, config.vocab_size) if config.char_layers else None
         if self.char_branch_output is not None:

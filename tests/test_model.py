@@ -242,7 +242,7 @@ def test_streams_batched_together_equal_each_alone_with_a_character_branch():
     model = _with_trained_branch(chunk_frames=4, lookahead_frames=3)
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((n, 80)).astype(np.float32) for n in (130, 97, 151)]
-    alone = [torch.cat([ChunkedEncoder(model, torch.device("cpu"), 0.03, head="both").accept(x)]) for x in inputs]
+    alone = [ChunkedEncoder(model, torch.device("cpu"), 0.03, head="both").accept(x) for x in inputs]
     encoders = [ChunkedEncoder(model, torch.device("cpu"), 0.03, head="both") for _ in inputs]
     for encoder, x in zip(encoders, inputs):
         encoder.push(x)
