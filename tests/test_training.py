@@ -114,6 +114,27 @@ def test_bucketed_batches_respect_budget_and_split_across_ranks(tmp_path):
     early.close()
 
 
+def test_rewriting_a_cache_leaves_features_already_loaded_intact(tmp_path, monkeypatch):
+    # Training runs sharing --cache-dir may compute the same cache at once: the later writer must not truncate or
+    # overwrite the files the earlier one has memory-mapped.
+    import numpy as np
+
+    from asr.features import FeatureConfig
+    from training import data
+
+    manifest = write_manifest(tmp_path / "m.jsonl", CLIPS)
+    first = load_features(manifest, FeatureConfig(), tmp_path / "cache")
+    loaded = np.array(first.features)
+    [folder] = (tmp_path / "cache").iterdir()
+    (folder / "offsets.npy").unlink()  # what a second run sees while the first is still writing
+    recomputed = {str(u.audio): -first.frames(i) - 1 for i, u in enumerate(first.utterances)}
+    monkeypatch.setattr(data, "_featurise", lambda source: recomputed[str(source)])
+    second = load_features(manifest, FeatureConfig(), tmp_path / "cache")
+    np.testing.assert_array_equal(np.array(second.features), -loaded - 1)
+    np.testing.assert_array_equal(np.array(first.features), loaded)
+    assert sorted(p.name for p in folder.iterdir()) == ["features.npy", "offsets.npy"]  # no temporary files left
+
+
 def test_manifest_converters(tmp_path):
     chapter = tmp_path / "LibriSpeech" / "dev" / "19" / "198"
     chapter.mkdir(parents=True)

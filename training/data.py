@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +68,26 @@ def _cache_key(manifest: Path, config: FeatureConfig) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file of this process's own, then rename it into place.
+
+    Training runs that share a cache directory may compute the same cache at once: a rename never truncates a file
+    that another process has open or memory-mapped, so each one reads a complete file, its own or the other's.
+    """
+    temporary = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _save(folder: Path, results: list[np.ndarray], n_mels: int) -> None:
     offsets = np.zeros(len(results) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(r) for r in results])
-    np.save(folder / "features.npy", np.concatenate(results) if offsets[-1] else np.zeros((0, n_mels), np.float16))
-    np.save(folder / "offsets.tmp.npy", offsets)
-    os.replace(folder / "offsets.tmp.npy", folder / "offsets.npy")  # written last: marks the cache complete
+    features = np.concatenate(results) if offsets[-1] else np.zeros((0, n_mels), np.float16)
+    _replace_atomically(folder / "features.npy", lambda path: np.save(path, features))
+    _replace_atomically(folder / "offsets.npy", lambda path: np.save(path, offsets))  # last: marks the cache complete
 
 
 def _load_shard_features(folder: Path, config: FeatureConfig, cache_dir: str | os.PathLike, workers: int) -> FeatureSet:
@@ -122,7 +136,7 @@ def _load_shard_features(folder: Path, config: FeatureConfig, cache_dir: str | o
         for row, features in zip(rows, results):
             if row["duration"] is None:
                 row["duration"] = round(len(features) / 100, 3)
-        (cache / "utterances.json").write_text(json.dumps(rows) + "\n", encoding="utf-8")
+        _replace_atomically(cache / "utterances.json", lambda path: path.write_text(json.dumps(rows) + "\n", encoding="utf-8"))
         _save(cache, results, config.n_mels)
     rows = json.loads((cache / "utterances.json").read_text(encoding="utf-8"))
     utterances = [Utterance(Path(r["audio"]), float(r["duration"]), r["text"], r["speaker"], r["raw_text"]) for r in rows]
