@@ -69,8 +69,8 @@ def test_fine_tuning_resumes_exactly_and_refuses_a_different_shape(tmp_path, ove
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
-    other = _config(tmp_path, overfit_manifest, init_model, "c", model=replace(SMALL, hidden_size=32))
-    with pytest.raises(ValueError, match="hidden_size=32 .it has 16"):
+    other = _config(tmp_path, overfit_manifest, init_model, "c", model=replace(SMALL, hidden_size=8))
+    with pytest.raises(ValueError, match="hidden_size=8 .it has 16"):
         train(other, log=lambda _m: None)
     # Resuming with another initial model is refused like a different configuration.
     save_model(ModelBundle(CTCModel(SMALL), FeatureConfig(), Vocabulary()), tmp_path / "other.pt")
@@ -95,11 +95,61 @@ def test_train_cli_init_bundled(tmp_path, capsys):
 
     manifest = write_manifest(tmp_path / "m.jsonl", {"how_much_was_it.opus": "how much was it"})
     common = ["train", "--train", str(manifest), "-o", str(tmp_path / "run"), "--no-progress"]
-    assert main([*common, "--init", "bundled", "--hidden-size", "256", "--num-layers", "4"]) == 2
+    assert main([*common, "--init", "bundled", "--hidden-size", "192", "--num-layers", "4"]) == 2
     err = capsys.readouterr().err
-    assert "hidden_size=256 (it has 224)" in err and "num_layers" not in err  # 4 layers is the bundled model's own
+    assert "hidden_size=192 (it has 224)" in err and "num_layers" not in err  # 4 layers is the bundled model's own
     assert main([*common, "--init", "bundled", "--char-layers", "-1"]) == 2
     assert "char_layers must be >= 0" in capsys.readouterr().err
     assert main([*common, "--init", str(tmp_path / "missing.pt")]) == 2
     assert "model file not found" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_widened_model_computes_what_the_narrow_one_did(cell):
+    from training.widen import widen_model
+
+    narrow_config = replace(SMALL, cell=cell, num_layers=2, phone_vocab_size=5, char_layers=1)
+    torch.manual_seed(3)
+    narrow = CTCModel(narrow_config).eval()
+    for parameter in narrow.parameters():  # the branch's output layer starts at zero: give every weight a value
+        parameter.data.normal_(0, 0.3)
+    wide = CTCModel(replace(narrow_config, hidden_size=24)).eval()
+    widen_model(narrow, wide)
+    features, lengths = torch.randn(2, 120, SMALL.n_mels), torch.tensor([120, 75])
+    with torch.no_grad():
+        expected, wide_out = narrow(features, lengths, head="both")[0], wide(features, lengths, head="both")[0]
+    torch.testing.assert_close(wide_out, expected, rtol=0, atol=1e-5)
+    # The new units compute something (random incoming weights), and what reads them starts at zero.
+    weights = {name: value.detach() for name, value in wide.state_dict().items()}
+    gates = 4 if cell == "lstm" else 3
+    new_rows = torch.cat([torch.arange(16, 24) + g * 24 for g in range(gates)])
+    assert float(weights["layers.1.forward_rnn.weight_ih_l0"][new_rows].abs().max()) > 0
+    new_features = torch.cat([torch.arange(16, 24), torch.arange(40, 48)])  # forward, then backward new units
+    for reader in ("output", "phone_output", "char_branch_output"):
+        assert float(weights[f"{reader}.weight"][:, new_features].abs().max()) == 0
+    assert float(weights["layers.1.forward_rnn.weight_ih_l0"][:16, new_features].abs().max()) == 0
+    with pytest.raises(ValueError, match="larger hidden size"):
+        widen_model(wide, narrow)
+    with pytest.raises(ValueError, match="larger hidden size"):
+        widen_model(narrow, CTCModel(replace(narrow_config, hidden_size=24, num_layers=3)))
+
+
+def test_fine_tuning_with_a_larger_hidden_size_widens_the_model_and_trains_the_new_units(tmp_path, overfit_manifest, init_model):
+    assert init_model_config(SMALL, hidden_size=24) == replace(SMALL, hidden_size=24)
+    with pytest.raises(ValueError, match="hidden_size=8 .it has 16"):
+        init_model_config(SMALL, hidden_size=8)
+    lines = []
+    result = train(
+        _config(tmp_path, overfit_manifest, init_model, "wide", model=replace(SMALL, hidden_size=24), max_steps=3), log=lines.append
+    )
+    assert any("widened from hidden size 16" in line for line in lines)
+    before, after = load_model_file(init_model).model, load_model_file(result).model
+    assert after.config.hidden_size == 24
+    start, end = before.state_dict(), after.state_dict()
+    torch.testing.assert_close(end["feature_mean"], start["feature_mean"], rtol=0, atol=0)
+    trained_rows = torch.cat([torch.arange(16) + g * 24 for g in range(4)])
+    old = end["layers.0.forward_rnn.weight_ih_l0"][trained_rows]
+    assert float((old - start["layers.0.forward_rnn.weight_ih_l0"]).abs().max()) <= 6 * LR  # three steps from the init
+    # What reads the new units started at zero and has learned to use them.
+    assert float(end["output.weight"][:, torch.cat([torch.arange(16, 24), torch.arange(40, 48)])].abs().max()) > 0

@@ -34,7 +34,11 @@ def add_train_parser(subparsers) -> None:
     )
     d = ModelConfig()
     shape, kept = " (with --init: the init model's; must not differ)", " (with --init: the init model's)"
-    p.add_argument("--hidden-size", type=int, help=f"default {d.hidden_size}{shape}")
+    p.add_argument(
+        "--hidden-size",
+        type=int,
+        help=f"default {d.hidden_size} (with --init: the init model's; a larger one widens it, starting out computing the same)",
+    )
     p.add_argument("--num-layers", type=int, help=f"default {d.num_layers}{shape}")
     p.add_argument("--cell", choices=("lstm", "gru"), help=f"default {d.cell}{shape}")
     p.add_argument("--dropout", type=float, help=f"default {d.dropout}{kept}")

@@ -38,6 +38,7 @@ from .data import (
 from .metrics import error_rates
 from .precision import Precision, cpu_has_native_bfloat16, precision_named, training_precision
 from .shards import file_sha256
+from .widen import widen_model
 
 STATE_FILE = "train_state.pt"
 # Settings for adapting an existing model (``init_model``) to minutes or a few hours of new audio: a lower peak rate
@@ -114,7 +115,8 @@ def init_model_config(init: ModelConfig, **settings) -> ModelConfig:
     """The configuration of a model initialised from one with configuration ``init``, with ``settings`` applied.
 
     Raises ValueError when a setting would change the shape of the weights (``SHAPE_FIELDS``); dropout, chunk
-    and lookahead may change, and a phone output layer or a character branch may be added to a model without one.
+    and lookahead may change, a phone output layer or a character branch may be added to a model without one, and
+    the hidden size may grow (the model is widened, computing what it did: ``training.widen``).
     """
     phones = settings.get("phone_vocab_size", init.phone_vocab_size)
     if init.phone_vocab_size and phones != init.phone_vocab_size:
@@ -122,7 +124,8 @@ def init_model_config(init: ModelConfig, **settings) -> ModelConfig:
     char_layers = settings.get("char_layers", init.char_layers)
     if init.char_layers and char_layers != init.char_layers:
         raise ValueError(f"the model to initialise from has {init.char_layers} character-branch layers; it keeps them")
-    differing = [k for k in SHAPE_FIELDS if k in settings and settings[k] != getattr(init, k)]
+    widened = settings.get("hidden_size", init.hidden_size) > init.hidden_size
+    differing = [k for k in SHAPE_FIELDS if k in settings and settings[k] != getattr(init, k) and not (k == "hidden_size" and widened)]
     conflicts = [f"{k}={settings[k]!r} (it has {getattr(init, k)!r})" for k in differing]
     if conflicts:
         raise ValueError(
@@ -376,11 +379,16 @@ def train(config: TrainConfig, log=print) -> Path:
 
     model = CTCModel(config.model)
     if init is not None:  # its weights and feature normalisation, kept as they are; a new phone layer or branch starts afresh
-        missing, unexpected = model.load_state_dict(init.model.state_dict(), strict=False)
+        init_width = init.model.config.hidden_size
+        narrow = model if init_width == config.model.hidden_size else CTCModel(replace(config.model, hidden_size=init_width))
+        missing, unexpected = narrow.load_state_dict(init.model.state_dict(), strict=False)
         if unexpected or any(not key.startswith(("phone_output.", "char_branch")) for key in missing):
             raise ValueError(f"cannot initialise from {config.init_model}: missing {missing}, unexpected {unexpected}")
+        if narrow is not model:
+            widen_model(narrow, model)
         if main_process:
-            log(f"initialised from {config.init_model} ({init_digest})")
+            widened = f", widened from hidden size {init_width}" if narrow is not model else ""
+            log(f"initialised from {config.init_model} ({init_digest}){widened}")
     else:
         mean, std = feature_statistics(train_sets)
         model.set_normalization(torch.from_numpy(mean), torch.from_numpy(std))
