@@ -121,7 +121,7 @@ def test_a_widened_model_computes_what_the_narrow_one_did(cell):
         expected, wide_out = narrow(features, lengths, head="both")[0], wide(features, lengths, head="both")[0]
     torch.testing.assert_close(wide_out, expected, rtol=0, atol=1e-5)
     # The new units compute something (random incoming weights), and what reads them starts at zero.
-    weights = {name: value.detach() for name, value in wide.state_dict().items()}
+    weights = wide.state_dict()  # detached tensors, unlike the parameters
     gates = 4 if cell == "lstm" else 3
     new_rows = torch.cat([torch.arange(16, 24) + g * 24 for g in range(gates)])
     assert float(weights["layers.1.forward_rnn.weight_ih_l0"][new_rows].abs().max()) > 0
