@@ -107,6 +107,15 @@ def iter_audio(source: AudioSource, block_seconds: float = READ_BLOCK_SECONDS) -
             raise AudioError(f"audio in {_describe(source)} is empty")
 
 
+def audio_duration(source: str | os.PathLike) -> float | None:
+    """Seconds of audio in a file, from its header; None when the header does not tell (or cannot be read)."""
+    try:
+        info = sf.info(os.fspath(source))
+    except (sf.LibsndfileError, RuntimeError, TypeError, OSError):
+        return None
+    return info.frames / info.samplerate if info.frames > 0 and info.samplerate > 0 else None
+
+
 def _load_with_librosa(source: AudioSource) -> np.ndarray:
     import librosa
 

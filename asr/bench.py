@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import platform
 import resource
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import SAMPLE_RATE
 from .recognizer import Recognizer
 
 
@@ -26,8 +24,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def offline_benchmark(recognizer: Recognizer, inputs: list[str], long_minutes: float = 0) -> dict:
-    """Real-time factor (wall / audio seconds) over the inputs, and optionally peak memory on one long file."""
+def offline_benchmark(recognizer: Recognizer, inputs: list[str]) -> dict:
+    """Real-time factor (wall / audio seconds) over the inputs, and the process's peak memory (long recordings of speech:
+    ``asr bench long``)."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -53,33 +52,5 @@ def offline_benchmark(recognizer: Recognizer, inputs: list[str], long_minutes: f
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    if long_minutes > 0:
-        report["long_recording"] = _long_recording(recognizer, files, long_minutes)
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return report
-
-
-def _long_recording(recognizer: Recognizer, files: list[Path], minutes: float) -> dict:
-    """Write the inputs, repeated, into one WAV of the given length and transcribe it."""
-    target = int(minutes * 60 * SAMPLE_RATE)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "long.wav"
-        with sf.SoundFile(path, "w", SAMPLE_RATE, 1, "PCM_16") as out:
-            written, index = 0, 0
-            while written < target:
-                audio = load_audio(files[index % len(files)])[: target - written]
-                out.write(audio)
-                written += len(audio)
-                index += 1
-        rss_before = _peak_rss_mb()
-        start = time.perf_counter()
-        result = recognizer.transcribe(path)
-        wall = time.perf_counter() - start
-    return {
-        "audio_seconds": round(result.duration, 1),
-        "wall_seconds": round(wall, 1),
-        "rtf": round(wall / result.duration, 4),
-        "words": len(result.words),
-        "peak_rss_mb_before": round(rss_before, 1),
-        "peak_rss_mb_after": round(_peak_rss_mb(), 1),
-    }

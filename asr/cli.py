@@ -21,8 +21,19 @@ EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", help="model file (default: the bundled English model)")
+def add_model_options(p: argparse.ArgumentParser, several_models: bool = False) -> None:
+    """Model and decoding options; ``several_models``: -m may be repeated, as PATH or NAME=PATH (a server's models)."""
+    if several_models:
+        p.add_argument(
+            "-m",
+            "--model",
+            action="append",
+            metavar="[NAME=]PATH",
+            help="model file (default: the bundled English model); repeat as NAME=PATH to serve more models, which a client "
+            'picks with {"config": {"model": "NAME"}}; the first is also named "default"',
+        )
+    else:
+        p.add_argument("-m", "--model", help="model file (default: the bundled English model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for inference (0 = torch's default)")
     p.add_argument("--chunk-frames", type=int, default=None, help="override the model's chunk size (30 ms frames)")
@@ -163,13 +174,71 @@ def run_transcribe(args: argparse.Namespace, transcribe=None) -> int:
         if args.alternatives > 1 and recognizer.decoder_name == "greedy" and recognizer.grammar is None:
             print("note: the greedy decoder gives one alternative; N-best needs beam search (--decoder beam)", file=sys.stderr)
         transcribe = recognizer.transcribe
-    stdin_bytes = sys.stdin.buffer.read() if any(src == "-" for src, _ in inputs) else None
+        local = recognizer
+    else:
+        local = None
+    stdin_file = _spool_stdin() if any(src == "-" for src, _ in inputs) else None
+    try:
+        return _transcribe_inputs(args, transcribe, local, inputs, missing, formats, stdin_file)
+    finally:
+        if stdin_file is not None:
+            stdin_file.unlink(missing_ok=True)
+
+
+def _spool_stdin() -> Path:
+    """Copy standard input (a stream of unknown length) to a temporary file, block by block: memory stays bounded."""
+    import shutil
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(prefix="asr-stdin-", delete=False) as handle:
+        shutil.copyfileobj(sys.stdin.buffer, handle, 1 << 20)
+    return Path(handle.name)
+
+
+PROGRESS_MIN_SECONDS = 60.0  # recordings at least this long show their progress in audio time on a terminal
+
+
+def _audio_progress(source: str):
+    """A ``transcribe`` progress callback drawing audio time done / total on stderr, or None when stderr is not a
+    terminal (output piped or logged) or the recording is short."""
+    if not sys.stderr.isatty():
+        return None
+    from .audio import audio_duration
+
+    total = audio_duration(source)
+    if total is not None and total < PROGRESS_MIN_SECONDS:
+        return None
+
+    def update(seconds: float) -> None:
+        done = f"{_clock(seconds)} / {_clock(total)} ({100 * seconds / total:.0f} %)" if total else _clock(seconds)
+        sys.stderr.write(f"\raudio transcribed: {done} ")
+        sys.stderr.flush()
+
+    return update
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def _transcribe_inputs(args, transcribe, local, inputs, missing, formats, stdin_file: Path | None) -> int:
+    """Transcribe and write every input; ``local``: the recogniser behind ``transcribe`` when it is local."""
     out_dir = Path(args.output_dir) if args.output_dir else None
+    single = len(inputs) == 1 and not args.no_progress and local is not None
 
     def work(item: tuple[str, Path | None]):
         source, _ = item
+        path = str(stdin_file) if source == "-" else source
         try:
-            return transcribe(stdin_bytes if source == "-" else source), None
+            if not single:
+                return transcribe(path), None
+            progress = _audio_progress(path)
+            try:
+                return local.transcribe(path, progress=progress), None
+            finally:
+                if progress is not None:
+                    sys.stderr.write("\r" + " " * 60 + "\r")  # erase the progress line
         except (AudioError, RuntimeError, ValueError, MemoryError, OSError) as error:
             return None, str(error)
 
@@ -232,7 +301,7 @@ def run_bench_offline(args: argparse.Namespace) -> int:
 
     try:
         recognizer = load_recognizer(args)
-        result = offline_benchmark(recognizer, args.paths, long_minutes=args.long_minutes)
+        result = offline_benchmark(recognizer, args.paths)
     except (CheckpointError, LanguageModelError, AudioError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -247,7 +316,6 @@ def add_bench_parser(subparsers):
     bench_commands = bench.add_subparsers(dest="benchmark", required=True)
     p = bench_commands.add_parser("offline", help="offline real-time factor and peak memory")
     p.add_argument("paths", nargs="+", metavar="AUDIO_OR_MANIFEST", help="audio files or JSONL manifests")
-    p.add_argument("--long-minutes", type=float, default=0, help="also transcribe one recording this long (concatenated inputs)")
     add_model_options(p)
     p.set_defaults(handler=run_bench_offline, threads=1)
     return bench_commands

@@ -31,16 +31,37 @@ class Alternative:
 
 
 @dataclass
+class Segment:
+    """One decoded stretch of a recording between pauses (``asr.segmenter``); times in seconds from its start."""
+
+    index: int  # among the recording's segments with words
+    start: float
+    end: float
+    text: str
+    words: list[Word] = field(default_factory=list)
+    alternatives: list[Alternative] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = {"start": self.start, "end": self.end, "text": self.text}
+        if self.alternatives:
+            data["alternatives"] = [{"text": a.text, "confidence": a.confidence} for a in self.alternatives]
+        return data
+
+
+@dataclass
 class Transcript:
     text: str
     words: list[Word] = field(default_factory=list)
     duration: float = 0.0  # seconds of audio
     alternatives: list[Alternative] = field(default_factory=list)  # N-best, most likely first, when asked for
+    segments: list[Segment] = field(default_factory=list)  # the stretches between pauses that were decoded one by one
 
     def to_dict(self) -> dict:
         data = {"text": self.text, "duration": self.duration, "words": [asdict(w) for w in self.words]}
         if self.alternatives:
             data["alternatives"] = [a.to_dict() for a in self.alternatives]
+        if self.segments:
+            data["segments"] = [s.to_dict() for s in self.segments]
         return data
 
 

@@ -7,6 +7,10 @@ ends a segment: the frames up to it run at once as the end of an utterance, with
 for, and the segment's end is reported in ``segment_ends`` so that streaming can finalise without
 delay. A run of CTC blanks (for audio too noisy for the energy rule) only restarts the state.
 Offline and streaming recognition both run this same loop, so they give identical output for the same audio.
+
+A model without chunks (``chunk_frames=0``, an ordinary BLSTM) runs once per segment instead: its features are
+buffered until a pause, or until ``max_segment`` seconds, where the quietest frame of the last seconds ends the segment.
+The encoder also keeps each model frame's audio energy (``frame_energies``), for decoders that cut long segments.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from .endpoint import PAUSE_SECONDS, PauseDetector
+from .endpoint import MAX_SEGMENT_SECONDS, PAUSE_SECONDS, QUIET_SEARCH_SECONDS, PauseDetector, frame_energy_db, quietest_frame
 from .model import CTCModel
 
 STATE_RESET_SILENCE = 0.6  # seconds of blank output after which the forward state restarts from zero
@@ -36,44 +40,85 @@ class ChunkedEncoder:
         reset_silence: float = STATE_RESET_SILENCE,
         pause_seconds: float | None = PAUSE_SECONDS,
         head: str = "chars",
+        max_segment: float = MAX_SEGMENT_SECONDS,
     ) -> None:
-        """``frame_shift``: seconds per model frame; ``pause_seconds``: energy pause that ends a segment (None: never)."""
+        """``frame_shift``: seconds per model frame; ``pause_seconds``: energy pause that ends a segment (None: never);
+        ``max_segment``: the longest segment a model without chunks runs over at once (seconds)."""
         config = model.config
-        if config.chunk_frames <= 0:
-            raise ValueError("this model runs over whole utterances (chunk_frames=0) and cannot be run chunk by chunk")
+        if max_segment <= QUIET_SEARCH_SECONDS / 2:
+            raise ValueError(f"max_segment must be longer than {QUIET_SEARCH_SECONDS / 2} s")
         self.model, self.device, self.head = model, device, head
+        self.whole_segments = config.chunk_frames == 0
         self.width = model.output_width(head)
         self._stack = config.stack_frames
         self._step = config.chunk_frames * self._stack  # 10 ms frames consumed per chunk
         self._need = self._step + config.lookahead_frames * self._stack
+        feature_seconds = frame_shift / self._stack
+        self._max_features = round(max_segment / feature_seconds) // self._stack * self._stack
+        self._quiet_search = min(round(QUIET_SEARCH_SECONDS / feature_seconds), self._max_features // 2)
         self._reset_frames = max(1, round(reset_silence / frame_shift))
         self._pending = np.zeros((0, config.n_mels), dtype=np.float32)
         self._state = None
         self._trailing_blanks = 0
-        feature_seconds = frame_shift / self._stack
         self._pauses = PauseDetector(feature_seconds, pause_seconds) if pause_seconds else None
         self._cuts: deque[int] = deque()  # positions in _pending where a segment ends (multiples of the stack)
         self.frames_out = 0  # model frames returned so far
         self.segment_ends: deque[int] = deque()  # model-frame positions (from the start) where segments ended; consumers pop them
         self.resets = 0
+        self._energies = np.zeros(0, dtype=np.float32)  # dB of each feature frame from _energy_start on
+        self._energy_start = 0  # feature frames since the start whose energies were released
+        self._consumed = 0  # feature frames since the start that left _pending
 
     def push(self, features: np.ndarray) -> None:
         """Buffer features (frames, n_mels) without running the model."""
         if not len(features):
             return
+        energies = frame_energy_db(features).astype(np.float32)
         if self._pauses is not None:
-            for end in self._pauses(features):
+            for end in self._pauses.find(energies):
                 position = len(self._pending) + end
                 self._cuts.append(position - position % self._stack)
         self._pending = np.concatenate([self._pending, features])
+        self._energies = np.concatenate([self._energies, energies])
+
+    def frame_energies(self, start: int, end: int) -> np.ndarray:
+        """Audio energy (dB) of model frames [start, end) counted from the stream start: (end - start,), each the mean of
+        its stacked feature frames. Frames before the last ``release`` are gone."""
+        first = start * self._stack - self._energy_start
+        if first < 0:
+            raise ValueError(f"energies before model frame {self._energy_start // self._stack} were released")
+        values = self._energies[first : first + (end - start) * self._stack]
+        usable = len(values) - len(values) % self._stack
+        return values[:usable].reshape(-1, self._stack).mean(axis=1)
+
+    def release(self, before: int) -> None:
+        """Forget the energies of model frames before ``before`` (bounded memory; consumers call it as segments end)."""
+        drop = min(before * self._stack - self._energy_start, len(self._energies))
+        if drop > 0:
+            self._energies = self._energies[drop:]
+            self._energy_start += drop
 
     def _next_window(self) -> tuple[int, int | None] | None:
         """(frames of _pending to run, outputs to keep) for the next model call; outputs None = all, and the segment ends."""
-        if self._cuts and self._cuts[0] < self._need:
+        limit = self._max_features if self.whole_segments else self._need - 1
+        if self._cuts and self._cuts[0] <= limit:
+            return self._cuts[0], None
+        if self.whole_segments:
+            if len(self._pending) < self._max_features:
+                return None
+            self._cuts.appendleft(self._quiet_cut())
             return self._cuts[0], None
         if len(self._pending) >= self._need:
             return self._need, self._step // self._stack
         return None
+
+    def _quiet_cut(self) -> int:
+        """Where a model without chunks ends a segment that reached its maximum length: after the quietest model frame of
+        its last seconds (a multiple of the stack in _pending)."""
+        first = (self._max_features - self._quiet_search) // self._stack
+        last = self._max_features // self._stack
+        energies = self.frame_energies(self._consumed // self._stack + first, self._consumed // self._stack + last)
+        return (first + quietest_frame(energies) + 1) * self._stack
 
     @property
     def ready(self) -> bool:
@@ -99,6 +144,7 @@ class ChunkedEncoder:
         outputs = [self.accept(np.zeros((0, self.model.config.n_mels), np.float32))]
         if len(self._pending) >= self._stack:
             outputs.append(self._run(self._pending, None))
+        self._consumed += len(self._pending)
         self._pending = self._pending[:0]
         self._cuts.clear()
         return torch.cat(outputs)
@@ -117,6 +163,7 @@ class ChunkedEncoder:
 
     def _consume(self, frames: int) -> None:
         self._pending = self._pending[frames:]
+        self._consumed += frames
         self._cuts = deque(c - frames for c in self._cuts)
 
     def _end_segment(self) -> None:

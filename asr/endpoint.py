@@ -14,6 +14,8 @@ from collections import deque
 import numpy as np
 
 PAUSE_SECONDS = 0.6  # a quiet run this long after speech ends a segment
+MAX_SEGMENT_SECONDS = 20.0  # speech that never pauses is cut into segments at most this long ...
+QUIET_SEARCH_SECONDS = 4.0  # ... at the quietest point of their last seconds
 ABOVE_FLOOR_DB = 15.0  # frames less than this above the noise floor are quiet ...
 BELOW_PEAK_DB = 35.0  # ... and so are frames this far below the speech peak
 FLOOR_RISE_DB_PER_SECOND = 1.0  # the floor follows minima at once and rises slowly (noise that grows)
@@ -53,9 +55,13 @@ class PauseDetector:
 
     def __call__(self, log_mel: np.ndarray) -> list[int]:
         """log_mel (frames, n_mels) -> positions p (0 < p <= frames): a pause completes after frame p - 1."""
+        return self.find(frame_energy_db(log_mel))
+
+    def find(self, energies: np.ndarray) -> list[int]:
+        """``__call__`` on the frames' energies (frames,) in dB (``frame_energy_db``)."""
         ends = []
         window = self._window
-        for index, energy in enumerate(frame_energy_db(log_mel).tolist()):
+        for index, energy in enumerate(energies.tolist()):
             self._floor = min(energy, self._floor + self._floor_rise)
             self._peak = max(energy, self._peak - self._peak_fall)
             threshold = max(self._floor + ABOVE_FLOOR_DB, self._peak - BELOW_PEAK_DB)
@@ -72,3 +78,16 @@ class PauseDetector:
                 self._loud_since_pause = 0
                 window.clear()
         return ends
+
+
+def quietest_frame(energies: np.ndarray, allowed: np.ndarray | None = None) -> int:
+    """Index of the quietest frame of energies (frames,) in dB, among the ``allowed`` ones (bool mask) when any is.
+
+    Ties go to the latest frame, so that a cut leaves as little as possible for the next segment.
+    """
+    if not len(energies):
+        raise ValueError("no frames to choose from")
+    scores = np.asarray(energies, dtype=np.float64)
+    if allowed is not None and allowed.any():
+        scores = np.where(allowed, scores, np.inf)
+    return len(scores) - 1 - int(np.argmin(scores[::-1]))

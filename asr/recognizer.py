@@ -5,20 +5,21 @@ from __future__ import annotations
 import collections
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, AudioSource, iter_audio, prepare_array
+from .audio import READ_BLOCK_SECONDS, SAMPLE_RATE, AudioSource, iter_audio, prepare_array
 from .checkpoint import ModelBundle, load_model_file
-from .decoding import Alternative, Transcript, check_alternatives, greedy_decode
+from .decoding import Alternative, Segment, Transcript, check_alternatives, greedy_decode
 from .encoder import ChunkedEncoder
 from .features import LogMelExtractor, StreamingFeatures
 from .grammar import Grammar
 from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel
+from .segmenter import SegmentDecoder, SegmentOptions, join_segments
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
 BUNDLED_LM = Path(__file__).parent / "models" / "en-lm"
@@ -41,6 +42,7 @@ class DecodeOptions:
     # which output layer beam search with an LM decodes; auto: phones when the model has a phone output layer and the
     # LM a phone lexicon. Greedy decoding and grammars always use the characters.
     units: str = "auto"
+    segmentation: SegmentOptions = SegmentOptions()  # where recordings are cut into the segments decoded one by one
 
     def __post_init__(self) -> None:
         for name in ("chunk_frames", "lookahead_frames"):
@@ -168,15 +170,23 @@ class Recognizer:
     def sample_rate(self) -> int:
         return SAMPLE_RATE
 
+    def new_encoder(self, segmentation: SegmentOptions | None = None) -> ChunkedEncoder:
+        """An encoder for one stream of audio, cutting segments at ``segmentation``'s pauses (default: the options')."""
+        segmentation = segmentation or self.options.segmentation
+        return ChunkedEncoder(
+            self.model, self.device, self.frame_shift, pause_seconds=segmentation.endpoint_silence, head=self.head,
+            max_segment=segmentation.max_segment,
+        )  # fmt: skip
+
     @torch.inference_mode()
-    def log_probs(self, blocks) -> torch.Tensor:
-        """Encode 16 kHz audio blocks (any sizes) into log-probabilities (frames, vocab) of ``head`` (see ``select``)."""
+    def log_probs(self, blocks: Iterable[np.ndarray]) -> torch.Tensor:
+        """Encode 16 kHz audio blocks (any sizes) into log-probabilities (frames, vocab) of ``head`` (see ``select``).
+
+        All frames of the recording at once: for short recordings (tuning, benchmarks); ``transcribe`` decodes long ones
+        segment by segment.
+        """
         features = StreamingFeatures(self.extractor)
-        if self.model.config.chunk_frames == 0:  # an ordinary BLSTM: one pass over the whole recording
-            feats = np.concatenate([features.accept(b) for b in blocks] or [np.zeros((0, self.extractor.config.n_mels), np.float32)])
-            x = torch.from_numpy(feats).unsqueeze(0).to(self.device)
-            return self.model(x, torch.tensor([len(feats)], device=self.device), head=self.head)[0][0].float().cpu()
-        encoder = ChunkedEncoder(self.model, self.device, self.frame_shift, head=self.head)
+        encoder = self.new_encoder()
         outputs = [encoder.accept(features.accept(block)) for block in blocks]
         outputs.append(encoder.flush())
         return torch.cat(outputs)
@@ -217,38 +227,53 @@ class Recognizer:
         hotwords: list[str] | None = None,
         grammar: GrammarLike | None = None,
         alternatives: int | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> Transcript:
         """Transcribe a path, encoded bytes, or an array (samples,)/(samples, channels) at ``sample_rate``.
 
+        The recording is read block by block and decoded segment by segment (``asr.segmenter``), exactly as streaming
+        recognition decodes it, so memory follows the longest segment, not the recording.
         ``hotwords``: words or phrases to favour in beam search (default: the recogniser's own).
         ``grammar``: phrases (and optionally "[unk]") that the output is restricted to (default: the recogniser's own).
         ``alternatives``: N-best entries wanted in ``Transcript.alternatives`` (default: the recogniser's own, 0).
+        ``progress``: called with the seconds of audio done so far, after each block.
         """
         if hotwords is not None and grammar is not None:
             raise ValueError("give a grammar or hotwords, not both")
         grammar = self.resolve_grammar(grammar)  # errors before the audio is read
+        alternatives = check_alternatives(self.options.alternatives if alternatives is None else alternatives)
         if isinstance(audio, np.ndarray | torch.Tensor):
             signal = prepare_array(np.asarray(audio), sample_rate)
-            blocks, duration = [signal], len(signal) / SAMPLE_RATE
+            step = READ_BLOCK_SECONDS * SAMPLE_RATE
+            blocks: Iterable[np.ndarray] = (signal[i : i + step] for i in range(0, len(signal), step))
         else:
-            blocks, duration = _counting(iter_audio(audio))
-        log_probs = self.log_probs(blocks)
-        transcript = self.decode(log_probs, hotwords, grammar, alternatives)
-        transcript.duration = round(float(duration() if callable(duration) else duration), 3)
-        return transcript
+            blocks = iter_audio(audio)
+        segments, seconds = self._decode_segments(blocks, hotwords, grammar, alternatives, progress)
+        return join_segments(segments, round(seconds, 3), alternatives)
 
-
-def _counting(blocks):
-    """Wrap a block iterator so the total number of samples is known afterwards."""
-    total = 0
-
-    def generator():
-        nonlocal total
+    @torch.inference_mode()
+    def _decode_segments(
+        self,
+        blocks: Iterable[np.ndarray],
+        hotwords: list[str] | None,
+        grammar: Grammar | None,
+        alternatives: int,
+        progress: Callable[[float], None] | None,
+    ) -> tuple[list[Segment], float]:
+        """16 kHz blocks -> (the recording's segments with words, its duration in seconds)."""
+        features = StreamingFeatures(self.extractor)
+        encoder = self.new_encoder()
+        decoder = SegmentDecoder(self, encoder, self.options.segmentation, hotwords, grammar, alternatives)
+        segments: list[Segment] = []
+        samples = 0
         for block in blocks:
-            total += len(block)
-            yield block
-
-    return generator(), lambda: total / SAMPLE_RATE
+            samples += len(block)
+            segments += decoder.add(encoder.accept(features.accept(block)))
+            if progress is not None:
+                progress(samples / SAMPLE_RATE)
+        segments += decoder.add(encoder.flush())
+        segments += decoder.finish()
+        return segments, samples / SAMPLE_RATE
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | None = None, options: DecodeOptions = DecodeOptions()) -> Recognizer:

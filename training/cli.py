@@ -341,6 +341,37 @@ def add_bench_train_parser(bench_commands) -> None:
     p.set_defaults(handler=run_bench_train)
 
 
+def run_bench_long(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .long_bench import LongBenchOptions, long_benchmark
+
+    model_args = shlex.split(args.options)
+    try:
+        options = LongBenchOptions(args.manifest, tuple(args.minutes), tuple(model_args), args.threads, args.seed)
+        report = long_benchmark(options, log=lambda message: print(message, file=sys.stderr))
+    except (ValueError, OSError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_bench_long_parser(bench_commands) -> None:
+    p = bench_commands.add_parser(
+        "long",
+        help="long recordings of speech: real-time factor, peak memory and WER against the same utterances as separate files",
+        description="Writes a manifest's utterances back to back with 0.3-1.2 s pauses into one WAV per length, and "
+        "transcribes each in a fresh process (peak memory of its own), then the utterances as separate files.",
+    )
+    p.add_argument("manifest", help="utterances to read back to back (cycled when the recording is longer)")
+    p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60, 120], help="recording lengths")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the transcribing process")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pause lengths")
+    p.add_argument("--options", default="", help="model and decoding options of `asr transcribe`, e.g. '--decoder greedy'")
+    p.set_defaults(handler=run_bench_long)
+
+
 def run_lm_build(args: argparse.Namespace) -> int:
     from .lm import LanguageModelBuildError, build_language_model
 
@@ -554,6 +585,7 @@ def register(subparsers, bench_commands) -> None:
     add_manifest_parser(subparsers)
     add_bench_train_parser(bench_commands)
     add_bench_accuracy_parser(bench_commands)
+    add_bench_long_parser(bench_commands)
 
 
 if __name__ == "__main__":  # python -m training.cli ... is the same as asr ...
