@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from asr.cli import add_model_options, grammar_phrases, load_recognizer
 
@@ -173,25 +174,46 @@ def run_serve(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_bytes,
             idle_timeout=args.idle_timeout,
             max_session_seconds=args.max_session_seconds,
+            sample_rate=args.sample_rate,
             token=args.token or None,
         )
         context = None
         if args.certfile:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(args.certfile, args.keyfile)
-        recognizer = load_recognizer(args)
-        server = RecognitionServer(recognizer, options, StreamOptions(endpoint_silence=args.endpoint_silence))
+        recognizer, more = load_served_models(args)
+        server = RecognitionServer(recognizer, options, StreamOptions(endpoint_silence=args.endpoint_silence), more)
     except (CheckpointError, LanguageModelError, ValueError, OSError, ssl.SSLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     scheme = "wss" if context else "ws"
-    print(f"serving {scheme}://{args.host}:{args.port} (decoder: {recognizer.decoder_name}); Ctrl+C to stop", file=sys.stderr)
+    models = ", ".join(server.recognizers)
+    address = f"{scheme}://{args.host}:{args.port}"
+    print(f"serving {address} (models: {models}; decoder: {recognizer.decoder_name}); Ctrl+C to stop", file=sys.stderr)
     try:
         asyncio.run(server.run(ssl=context))
     except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def load_served_models(args: argparse.Namespace):
+    """(the default recogniser, {name: recogniser} of the other models) from repeated ``--model [NAME=]PATH``."""
+    entries = args.model or [None]
+    named: dict[str, object] = {}
+    default = None
+    for entry in entries:
+        named_entry = entry is not None and "=" in entry and not Path(entry).exists()
+        name, _, path = entry.partition("=") if named_entry else ("", "", entry)
+        if name in named or name == "default":
+            raise ValueError(f"model name {name!r} given twice (the first model is also named 'default')")
+        args.model = path
+        recognizer = load_recognizer(args)
+        default = default or recognizer
+        if name:
+            named[name] = recognizer
+    return default, named
 
 
 def add_serve_parser(subparsers) -> None:
@@ -202,11 +224,17 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--max-message-bytes", type=int, default=1 << 20)
     p.add_argument("--idle-timeout", type=float, default=30.0, help="close connections silent this many seconds")
     p.add_argument("--max-session-seconds", type=float, default=4 * 3600.0, help="audio seconds per connection")
+    p.add_argument(
+        "--sample-rate",
+        type=int,
+        default=16000,
+        help="PCM rate assumed until a client's config gives one (vosk-server's default is 8000: --sample-rate 8000 to be a drop-in)",
+    )
     p.add_argument("--token", help="shared secret clients must send (Authorization: Bearer TOKEN or ?token=TOKEN)")
     p.add_argument("--certfile", help="TLS certificate (PEM) for wss://")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--endpoint-silence", type=float, default=0.6)
-    add_model_options(p)
+    add_model_options(p, several_models=True)
     p.set_defaults(handler=run_serve)
 
 

@@ -4,6 +4,13 @@ One ``RecognitionStream`` per connection; the model runs in one worker thread, w
 chunks of all active streams into shared model calls, so the event loop never blocks on inference.
 Limits (connections, message size, idle time, session length) and errors are handled per
 connection: a bad client never affects the others.
+
+The reply rule is vosk-server's: every audio message gets exactly one reply, in order, at once, from the
+connection's current state (``Session.reply``): the finals of the segments that ended since the previous reply
+(merged into one), or else the current partial, even when unchanged. Its own audio is recognised meanwhile, so a
+client that sends a piece and waits for the reply (as vosk-server's examples do) never waits for inference,
+unless it is more than ``MAX_BACKLOG_SECONDS`` of audio ahead of the recogniser. ``{"eof": 1}`` and
+``{"reset": 1}`` get one final holding everything still pending; a valid config message gets no reply.
 """
 
 from __future__ import annotations
@@ -24,15 +31,19 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from asr.decoding import Segment
 from asr.encoder import encode_ready_chunks
 from asr.grammar import Grammar, GrammarError
 from asr.recognizer import Recognizer
+from asr.segmenter import combine_alternatives
 
 from .recognizer import Final, Partial, RecognitionStream, StreamOptions
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # the browser client served at /
-CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "grammar", "hotwords"}
+CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "grammar", "hotwords", "model"}
+DEFAULT_MODEL = "default"  # the name of the first model a server serves
+MAX_BACKLOG_SECONDS = 10.0  # audio a connection may send ahead of recognition before its replies wait for it
 MAX_PHRASES = 1000  # entries of a connection's grammar or hotword list
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
@@ -86,6 +97,23 @@ def _vosk_alternative(text: str, confidence: float, words: list | None) -> dict:
     return entry
 
 
+def merge_finals(finals: list[Final]) -> Final:
+    """Several finals as one (segments that ended between two replies): texts and words in order, the N-best of the
+    combinations of their alternatives."""
+    if len(finals) == 1:
+        return finals[0]
+    count = max(len(f.alternatives) for f in finals)
+    segments = [Segment(f.segment, f.start, f.end, f.text, f.words, f.alternatives) for f in finals]
+    return Final(
+        " ".join(f.text for f in finals),
+        finals[0].segment,
+        finals[0].start,
+        finals[-1].end,
+        [w for f in finals for w in f.words],
+        combine_alternatives([s.alternatives for s in segments], count) if count else [],
+    )
+
+
 def empty_final(words: bool, alternatives: int) -> dict:
     """The final sent at eof/reset when nothing was recognised (vosk-server sends one too)."""
     if alternatives:
@@ -101,16 +129,25 @@ def _phrase_list(config: dict, key: str) -> list[str]:
 
 
 class Session:
-    """Protocol state of one connection."""
+    """Protocol state of one connection: its settings, its stream, and what it has recognised but not yet replied."""
 
     def __init__(self, server: RecognitionServer) -> None:
         self.server = server
         self.sample_rate = server.options.sample_rate
-        self.words = False
+        self.words = True  # vosk-server shows words by default
         self.hotwords: list[str] | None = None  # None: the server's own
         self.grammar: Grammar | None = None  # None: the server's own (usually none)
         self.alternatives = 0
+        self.model = DEFAULT_MODEL
         self.stream: RecognitionStream | None = None
+        self.pending: list[Final] = []  # finals recognised since the last reply
+        self.partial = Partial("", 0)  # the current segment's hypothesis
+        self.jobs: list[tuple[asyncio.Future, float]] = []  # audio being recognised (seconds each), oldest first
+        self.seconds_received = 0.0  # audio the client sent in this session
+
+    @property
+    def recognizer(self) -> Recognizer:
+        return self.server.recognizers[self.model]
 
     def configure(self, config: object) -> None:
         """Apply a client's config, all of it or (on a ProtocolError) none of it."""
@@ -121,6 +158,7 @@ class Session:
         unknown = set(config) - CONFIG_KEYS
         if unknown:
             raise ProtocolError(f"unknown config key(s): {sorted(unknown)}")
+        model = self._model(config)
         rate = config.get("sample_rate", self.sample_rate)
         if not isinstance(rate, int | float) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE or rate != int(rate):
             raise ProtocolError(f"sample_rate must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, got {rate!r}")
@@ -129,28 +167,73 @@ class Session:
             raise ProtocolError(f"max_alternatives must be a whole number >= 0 (0: no alternatives), got {alternatives!r}")
         if "phrase_list" in config and "grammar" in config:
             raise ProtocolError("phrase_list and grammar are the same setting: send one of them")
-        grammar = self.grammar
+        grammar = self.grammar if model == self.model else None
         for key in ("phrase_list", "grammar"):  # vosk-server's phrase_list is a grammar: output restricted to the phrases
             if key in config:
                 try:
-                    grammar = self.server.recognizer.parse_grammar(_phrase_list(config, key))
+                    grammar = self.server.recognizers[model].parse_grammar(_phrase_list(config, key))
                 except GrammarError as error:
                     raise ProtocolError(f"{key}: {error}") from error
         hotwords = _phrase_list(config, "hotwords") if "hotwords" in config else self.hotwords
         self.sample_rate, self.alternatives, self.grammar, self.hotwords = int(rate), alternatives, grammar, hotwords
         self.words = bool(config.get("words", self.words))
+        self.model = model
+
+    def _model(self, config: dict) -> str:
+        """The model a config picks by name (vosk-server's ``model`` is a path: this server never opens one)."""
+        if "model" not in config:
+            return self.model
+        name = config["model"]
+        if name not in self.server.recognizers:
+            served = ", ".join(self.server.recognizers)
+            raise ProtocolError(f"unknown model {str(name)[:100]!r}: this server serves {served} (by name; it never opens a path)")
+        return name
 
     def new_stream(self) -> RecognitionStream:
         """A stream for this session's settings (slow the first time a hotword list is seen: its decoder is built)."""
-        recognizer = self.server.recognizer
         return RecognitionStream(
-            recognizer,
+            self.recognizer,
             self.sample_rate,
             self.server.stream_options,
             hotwords=self.hotwords,
             grammar=self.grammar,
             alternatives=self.alternatives,
         )
+
+    def collect(self, events: list[Partial | Final]) -> None:
+        """Take a stream's events into the state that replies are made of."""
+        for event in events:
+            if isinstance(event, Final):
+                self.pending.append(event)
+                self.partial = Partial("", event.segment + 1)
+            else:
+                self.partial = event
+
+    def harvest(self) -> None:
+        """Collect the events of the audio recognised so far, in order (jobs finish in the order they were sent)."""
+        while self.jobs and self.jobs[0][0].done():
+            future, _ = self.jobs.pop(0)
+            if future.exception() is not None:  # reported as the reply to the message now being answered
+                raise ProtocolError(str(future.exception()))
+            self.collect(future.result())
+
+    @property
+    def backlog(self) -> float:
+        """Seconds of audio sent but not yet recognised."""
+        return sum(seconds for _, seconds in self.jobs)
+
+    async def drain(self) -> None:
+        """Wait until all audio sent so far is recognised, and collect it."""
+        while self.jobs:
+            await asyncio.wait([self.jobs[0][0]])
+            self.harvest()
+
+    def reply(self) -> dict:
+        """The reply to an audio message: the pending finals as one, else the current partial."""
+        if self.pending:
+            final, self.pending = merge_finals(self.pending), []
+            return vosk_message(final, self.words, self.alternatives)
+        return self.partial.to_dict()
 
 
 class InferenceWorker:
@@ -167,17 +250,18 @@ class InferenceWorker:
         self._thread.start()
         self.rounds = self.batched_streams = 0
 
-    async def audio(self, stream: RecognitionStream, pcm: np.ndarray) -> list:
-        return await self._submit(("audio", stream, pcm))
+    def audio(self, stream: RecognitionStream, pcm: np.ndarray) -> asyncio.Future:
+        """Queue audio for a stream; the future gives its events (jobs finish in the order they were queued)."""
+        return self._submit(("audio", stream, pcm))
 
     async def call(self, function, *args):
         return await self._submit(("call", function, args))
 
-    async def _submit(self, job: tuple):
+    def _submit(self, job: tuple) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._jobs.put((*job, loop, future))
-        return await future
+        return future
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -202,11 +286,13 @@ class InferenceWorker:
                     results[index] = []
                 except (ValueError, RuntimeError) as error:
                     results[index] = error
-            if streams:
-                frames = encode_ready_chunks([s.encoder for s in streams])
+            events = {}
+            for group in _by_model(streams):  # one batched model call per model and chunk position
+                frames = encode_ready_chunks([s.encoder for s in group])
                 self.rounds += 1
-                self.batched_streams += len(streams)
-                events = {id(s): s.process(f) for s, f in zip(streams, frames)}
+                self.batched_streams += len(group)
+                events.update({id(s): s.process(f) for s, f in zip(group, frames)})
+            if streams:
                 for index in reversed(range(len(jobs))):  # a stream's events go to its last job of the round
                     job = jobs[index]
                     if job[0] == "audio" and not isinstance(results[index], Exception) and id(job[1]) in events:
@@ -224,9 +310,25 @@ class InferenceWorker:
                 loop.call_soon_threadsafe(lambda f=future, s=setter, r=result: f.done() or s(r))
 
 
+def _by_model(streams: list[RecognitionStream]) -> list[list[RecognitionStream]]:
+    groups: dict[int, list[RecognitionStream]] = {}
+    for stream in streams:
+        groups.setdefault(id(stream.encoder.model), []).append(stream)
+    return list(groups.values())
+
+
 class RecognitionServer:
-    def __init__(self, recognizer: Recognizer, options: ServerOptions | None = None, stream_options: StreamOptions | None = None) -> None:
+    """Serves ``recognizer`` (named ``DEFAULT_MODEL``) and any ``more`` models, which a client picks by name."""
+
+    def __init__(
+        self,
+        recognizer: Recognizer,
+        options: ServerOptions | None = None,
+        stream_options: StreamOptions | None = None,
+        more: dict[str, Recognizer] | None = None,
+    ) -> None:
         self.recognizer = recognizer
+        self.recognizers = {DEFAULT_MODEL: recognizer, **(more or {})}
         self.options = options or ServerOptions()
         self.stream_options = stream_options or StreamOptions()
         self.worker = InferenceWorker()
@@ -266,9 +368,8 @@ class RecognitionServer:
         finally:
             self._sessions.pop(connection, None)
 
-    async def _send(self, connection: ServerConnection, session: Session, events) -> None:
-        for event in events:
-            await connection.send(json.dumps(vosk_message(event, session.words, session.alternatives)))
+    async def _send(self, connection: ServerConnection, reply: dict) -> None:
+        await connection.send(json.dumps(reply))
 
     async def _serve(self, connection: ServerConnection, session: Session) -> None:
         while True:
@@ -287,7 +388,7 @@ class RecognitionServer:
                 await connection.send(json.dumps({"type": "error", "error": f"malformed JSON: {error}"}))
             except ProtocolError as error:
                 await connection.send(json.dumps({"type": "error", "error": str(error)}))
-            if session.stream is not None and session.stream.seconds_received > self.options.max_session_seconds:
+            if session.seconds_received > self.options.max_session_seconds:
                 await self._finish(connection, session)
                 await connection.close(CLOSE_POLICY, f"session longer than {self.options.max_session_seconds:g} s of audio")
                 return
@@ -310,24 +411,31 @@ class RecognitionServer:
         return False
 
     async def _audio(self, connection: ServerConnection, session: Session, data: bytes) -> None:
+        """Queue the audio for recognition and reply at once from the session's state (see the module's docstring)."""
         if len(data) % 2:
             raise ProtocolError(f"audio frames must hold 16-bit samples (an even byte count), got {len(data)} bytes")
         if session.stream is None:  # built in a helper thread: neither the event loop nor the inference worker waits
             session.stream = await asyncio.get_running_loop().run_in_executor(None, session.new_stream)
-        stream = session.stream
-        try:
-            events = await self.worker.audio(stream, np.frombuffer(data, dtype="<i2"))
-        except ValueError as error:
-            raise ProtocolError(str(error)) from error
-        await self._send(connection, session, events)
+        if data:
+            job = self.worker.audio(session.stream, np.frombuffer(data, dtype="<i2"))
+            session.jobs.append((job, len(data) / 2 / session.sample_rate))
+            session.seconds_received += len(data) / 2 / session.sample_rate
+        session.harvest()
+        while session.backlog > MAX_BACKLOG_SECONDS:  # a client far ahead of recognition waits for it
+            await asyncio.wait([session.jobs[0][0]])
+            session.harvest()
+        await self._send(connection, session.reply())
 
     async def _finish(self, connection: ServerConnection, session: Session, restart: bool = False) -> None:
-        """Send the final result of the current stream (Vosk sends one even when it is empty)."""
-        events = await self.worker.call(session.stream.finish) if session.stream is not None else []
-        finals = [e for e in events if isinstance(e, Final)]
-        await self._send(connection, session, [e for e in events if isinstance(e, Partial)] + finals)
-        if not finals:
-            await connection.send(json.dumps(empty_final(session.words, session.alternatives)))
+        """Send one final holding everything still pending (Vosk sends one even when it is empty)."""
+        await session.drain()
+        if session.stream is not None:
+            session.collect(await self.worker.call(session.stream.finish))
+        if session.pending:
+            await self._send(connection, session.reply())
+        else:
+            await self._send(connection, empty_final(session.words, session.alternatives))
+        session.partial = Partial("", 0)
         if restart:
             session.stream = None
 
