@@ -191,6 +191,22 @@ class Recognizer:
         outputs.append(encoder.flush())
         return torch.cat(outputs)
 
+    @torch.inference_mode()
+    def segmented_log_probs(self, blocks: Iterable[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """``log_probs`` of a short recording and the (start, end) frames of the segments ``transcribe`` decodes one by one
+        (for tuning: each segment of those frames decoded alone is what ``transcribe`` gives)."""
+        features = StreamingFeatures(self.extractor)
+        encoder = self.new_encoder()
+        decoder = SegmentDecoder(self, encoder, self.options.segmentation, record_spans=True)
+        outputs = []
+        for block in blocks:
+            outputs.append(encoder.accept(features.accept(block)))
+            decoder.add(outputs[-1])
+        outputs.append(encoder.flush())
+        decoder.add(outputs[-1])
+        decoder.finish()
+        return torch.cat(outputs), decoder.spans
+
     def decode(
         self,
         log_probs: torch.Tensor,

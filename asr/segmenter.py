@@ -60,8 +60,11 @@ class SegmentDecoder:
         hotwords: list[str] | tuple[str, ...] | None = None,
         grammar: GrammarLike | None = None,
         alternatives: int | None = None,
+        record_spans: bool = False,
     ) -> None:
+        """``record_spans``: keep the (start, end) model frames of every segment in ``spans``, words or not."""
         self.recognizer, self.encoder, self.options = recognizer, encoder, options
+        self.spans: list[tuple[int, int]] | None = [] if record_spans else None
         self.frame_shift = recognizer.frame_shift
         self._endpoint_frames = max(1, round(options.endpoint_silence / self.frame_shift))
         self._blank_endpoint_frames = max(1, round(options.blank_endpoint / self.frame_shift))
@@ -194,6 +197,8 @@ class SegmentDecoder:
         """End the current segment; returns it if it held any words."""
         if not self.segment_length:
             return None
+        if self.spans is not None:
+            self.spans.append((self.segment_start, self.segment_start + self.segment_length))
         transcript = self._transcript(final=True)
         start = self.segment_start * self.frame_shift
         end = (self.segment_start + self.segment_length) * self.frame_shift

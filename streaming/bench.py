@@ -110,25 +110,36 @@ def stream_benchmark(
         log(json.dumps(result))
         report["results"].append(result)
     if memory_minutes:
-        report["memory"] = hour_memory(recognizer, options, memory_minutes)
+        speech = [path for path, _ in _manifest(manifests[0], 0)]
+        report["memory"] = hour_memory(recognizer, options, memory_minutes, speech)
     return report
 
 
-def hour_memory(recognizer: Recognizer, options: StreamOptions, minutes: int = 60) -> dict:
-    """Resident memory after 5 minutes and after ``minutes`` of streamed audio (quiet noise with no speech gaps cut)."""
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return round(int(handle.read().split()[1]) * resource.getpagesize() / 1e6, 1)
+
+
+def hour_memory(recognizer: Recognizer, options: StreamOptions, minutes: int, speech: list[Path]) -> dict:
+    """Resident memory after 5 minutes and after ``minutes`` of streamed speech: the ``speech`` files back to back
+    (cycled), each after a pause of 0.3-1.2 s of quiet noise, in 1 s pieces."""
     stream = RecognitionStream(recognizer, SAMPLE_RATE, options)
     rng = np.random.default_rng(1)
-    second = SAMPLE_RATE
-    rss = {}
-    for minute in range(minutes):
-        block = (rng.standard_normal(60 * second) * 3e-3).astype(np.float32)
-        for start in range(0, len(block), second):
-            stream.accept(block[start : start + second])
-        if minute + 1 in (5, minutes):
-            with open("/proc/self/statm") as handle:
-                rss[f"rss_mb_after_{minute + 1}_min"] = round(int(handle.read().split()[1]) * resource.getpagesize() / 1e6, 1)
-    stream.finish()
-    return rss
+    second, total = SAMPLE_RATE, minutes * 60 * SAMPLE_RATE
+    rss, finals, sent, index, marks = {}, 0, 0, 0, {5 * 60 * SAMPLE_RATE, total}
+    while sent < total:
+        pause = (rng.standard_normal(int(rng.uniform(0.3, 1.2) * second)) * 1e-3).astype(np.float32)
+        audio = np.concatenate([pause, load_audio(speech[index % len(speech)])])[: total - sent]
+        index += 1
+        for start in range(0, len(audio), second):
+            finals += sum(isinstance(e, Final) for e in stream.accept(audio[start : start + second]))
+            sent += len(audio[start : start + second])
+            for mark in sorted(m for m in marks if sent >= m):
+                marks.discard(mark)
+                rss[f"rss_mb_after_{mark // (60 * second)}_min"] = _rss_mb()
+    finals += sum(isinstance(e, Final) for e in stream.finish())
+    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return {**rss, "utterances": index, "finals": finals, "peak_rss_mb": peak}
 
 
 async def _paced_client(url: str, audio: np.ndarray, piece: float = PIECE_SECONDS) -> dict:
@@ -206,20 +217,14 @@ def latencies(replies: list[tuple[float, dict]], speech_ends: list[float] | None
     return word_latency, final_latency
 
 
-def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], log=print) -> dict:
-    """Start a server in this process and, for each N in ``clients``, let N clients stream different real recordings
-    at real-time pace at once; report reply latencies and the CPU time the process used."""
+def _start_server(recognizer: Recognizer, max_connections: int):
+    """A server on a free loopback port, run by an event loop in a thread: (server, url, stop)."""
     import asyncio
     import threading
 
     from .server import RecognitionServer, ServerOptions
 
-    recordings, speech_ends = [], []
-    for path, text in _manifest(manifest, max(clients)):
-        quiet = (np.random.default_rng(len(recordings)).standard_normal(int(TRAILING_PAUSE * SAMPLE_RATE)) * 1e-3).astype(np.float32)
-        recordings.append(np.concatenate([load_audio(path), quiet]))
-        speech_ends.append(reference_speech_ends(recognizer, recognizer.log_probs([recordings[-1]]), text))
-    server = RecognitionServer(recognizer, ServerOptions(host="127.0.0.1", port=0, max_connections=max(clients) + 1))
+    server = RecognitionServer(recognizer, ServerOptions(host="127.0.0.1", port=0, max_connections=max_connections))
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     task_holder = {}
@@ -236,8 +241,78 @@ def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], l
 
     thread = threading.Thread(target=loop.run_until_complete, args=(run_server(),), daemon=True)
     thread.start()
-    ready.wait(60)
-    url = f"ws://127.0.0.1:{server.port}"
+    if not ready.wait(60):
+        raise RuntimeError("the benchmark's server did not start")
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(task_holder["task"].cancel)
+        thread.join(30)
+
+    return server, f"ws://127.0.0.1:{server.port}", stop
+
+
+async def _lockstep_client(url: str, audio: np.ndarray, piece: float = 0.2) -> list[dict]:
+    """vosk-server's example client: send a piece, wait for its one reply, repeat; then eof and its one reply."""
+    from websockets.asyncio.client import connect
+
+    replies = []
+    async with connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"config": {"sample_rate": SAMPLE_RATE}}))
+        step = int(piece * SAMPLE_RATE)
+        for start in range(0, len(audio), step):
+            await ws.send((np.clip(audio[start : start + step], -1, 1) * 32767).astype("<i2").tobytes())
+            replies.append(json.loads(await ws.recv()))
+        await ws.send('{"eof" : 1}')
+        replies.append(json.loads(await ws.recv()))
+    return replies
+
+
+def lockstep_benchmark(recognizer: Recognizer, paths: list[str], log=print) -> dict:
+    """Per file: a lockstep client's wall time through a server in this process against ``Recognizer.transcribe``'s
+    (the model loaded in both), and whether their transcripts are the same."""
+    import asyncio
+
+    server, url, stop = _start_server(recognizer, 2)
+    rows = []
+    try:
+        asyncio.run(_lockstep_client(url, np.zeros(SAMPLE_RATE, dtype=np.float32)))  # warm-up
+        for path in paths:
+            audio = load_audio(path)
+            began = time.perf_counter()
+            offline = recognizer.transcribe(audio, SAMPLE_RATE)
+            offline_seconds = time.perf_counter() - began
+            began = time.perf_counter()
+            replies = asyncio.run(_lockstep_client(url, audio))
+            client_seconds = time.perf_counter() - began
+            streamed = " ".join(r["text"] for r in replies if r.get("text"))
+            row = {
+                "file": str(path),
+                "audio_seconds": round(len(audio) / SAMPLE_RATE, 1),
+                "messages": len(replies),
+                "finals": sum("partial" not in r for r in replies),
+                "transcribe_seconds": round(offline_seconds, 2),
+                "lockstep_client_seconds": round(client_seconds, 2),
+                "ratio": round(client_seconds / offline_seconds, 3),
+                "same_transcript": streamed == offline.text,
+            }
+            log(json.dumps(row))
+            rows.append(row)
+    finally:
+        stop()
+    return {"decoder": recognizer.decoder_name, "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "files": rows}
+
+
+def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], log=print) -> dict:
+    """Start a server in this process and, for each N in ``clients``, let N clients stream different real recordings
+    at real-time pace at once; report reply latencies and the CPU time the process used."""
+    import asyncio
+
+    recordings, speech_ends = [], []
+    for path, text in _manifest(manifest, max(clients)):
+        quiet = (np.random.default_rng(len(recordings)).standard_normal(int(TRAILING_PAUSE * SAMPLE_RATE)) * 1e-3).astype(np.float32)
+        recordings.append(np.concatenate([load_audio(path), quiet]))
+        speech_ends.append(reference_speech_ends(recognizer, recognizer.log_probs([recordings[-1]]), text))
+    server, url, stop = _start_server(recognizer, max(clients) + 1)
     asyncio.run(_paced_client(url, recordings[0][:SAMPLE_RATE]))  # warm-up
     report = {
         "manifest": f"{Path(manifest).parent.name}/{Path(manifest).stem}",
@@ -280,6 +355,5 @@ def serve_benchmark(recognizer: Recognizer, manifest: str, clients: list[int], l
             log(json.dumps(row))
             report["results"].append(row)
     finally:
-        loop.call_soon_threadsafe(task_holder["task"].cancel)
-        thread.join(30)
+        stop()
     return report

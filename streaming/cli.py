@@ -303,9 +303,36 @@ def add_bench_serve_parser(bench_commands) -> None:
     p.set_defaults(handler=run_bench_serve)
 
 
+def run_bench_lockstep(args: argparse.Namespace) -> int:
+    from asr.checkpoint import CheckpointError
+    from asr.lm import LanguageModelError
+
+    from .bench import lockstep_benchmark
+
+    try:
+        recognizer = load_recognizer(args)
+        report = lockstep_benchmark(recognizer, args.paths, log=lambda m: print(m, file=sys.stderr))
+    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_bench_lockstep_parser(bench_commands) -> None:
+    p = bench_commands.add_parser(
+        "lockstep",
+        help="a vosk-style lockstep client (0.2 s, one reply, repeat) through the server against `asr transcribe`'s time",
+    )
+    p.add_argument("paths", nargs="+", metavar="AUDIO", help="recordings to send")
+    add_model_options(p)
+    p.set_defaults(handler=run_bench_lockstep, threads=1)
+
+
 def register(subparsers, bench_commands) -> None:
     add_mic_parser(subparsers)
     add_serve_parser(subparsers)
     extend_transcribe(subparsers)
     add_bench_stream_parser(bench_commands)
     add_bench_serve_parser(bench_commands)
+    add_bench_lockstep_parser(bench_commands)

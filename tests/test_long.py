@@ -237,3 +237,22 @@ def test_long_recording_benchmark_writes_whole_utterances(tmp_path):
     assert count >= 2 and len(written) >= 3 * SAMPLE_RATE
     assert speech + count * 0.3 * SAMPLE_RATE <= len(written) <= speech + count * 1.2 * SAMPLE_RATE
     assert torch.tensor(written).abs().max() > 0.1
+
+
+def test_stream_memory_benchmark_streams_speech(tiny_model):
+    from streaming.bench import hour_memory
+
+    recognizer = asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="greedy"))
+    report = hour_memory(recognizer, StreamOptions(), 1, [DATA / name for name in CLIPS])
+    assert set(report) == {"rss_mb_after_1_min", "utterances", "finals", "peak_rss_mb"}
+    # one final per pause of 0.6 s or more (shorter ones join two utterances in one segment)
+    assert report["utterances"] >= 30 and report["utterances"] // 2 <= report["finals"] <= report["utterances"]
+
+
+def test_segment_spans_decoded_alone_give_the_transcript(beam_recognizer):
+    """What `asr tune-decoder` decodes: each segment's frames alone, as `transcribe` does."""
+    audio, texts = talk(4)
+    log_probs, spans = beam_recognizer.segmented_log_probs([audio])
+    assert len(spans) >= 4 and spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    decoded = [beam_recognizer.decode(log_probs[a:b], alternatives=0).text for a, b in spans]
+    assert " ".join(t for t in decoded if t) == beam_recognizer.transcribe(audio, SAMPLE_RATE).text == " ".join(texts)

@@ -245,3 +245,12 @@ def test_vosk_default_rate_with_sample_rate_8000(recognizer):
     finally:
         running.stop()
     assert " ".join(r["text"] for r in finals(replies) if r["text"]) == recognizer.transcribe(audio, 8000).text
+
+
+def test_lockstep_benchmark_compares_with_offline(recognizer, tmp_path):
+    from streaming.bench import lockstep_benchmark
+
+    sf.write(tmp_path / "talk.wav", real_clips(), SAMPLE_RATE)
+    report = lockstep_benchmark(recognizer, [str(tmp_path / "talk.wav")], log=lambda _m: None)
+    (row,) = report["files"]
+    assert row["same_transcript"] and row["finals"] >= 1 and row["messages"] == len(pieces_of(real_clips())) + 1

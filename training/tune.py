@@ -28,7 +28,7 @@ def tune_decoder(
     criterion: str = "pooled",
 ) -> tuple[DecoderSettings, list[dict]]:
     """Encode the dev audio once, decode it with every (lm_weight, word_score[, char_weight]); returns the best
-    settings and all results.
+    settings and all results. Each utterance is decoded segment by segment, as ``Recognizer.transcribe`` decodes it.
 
     Each result holds the WER and CER over all utterances pooled, and each manifest's own. ``criterion`` chooses the
     best: "pooled" (the WER over all words, so the manifest with the most words weighs most) or "mean" (the mean of
@@ -43,13 +43,14 @@ def tune_decoder(
     if char_weights and not phones:
         raise ValueError("char weights rerank a phone search: tune them with --units phones")
     lm = lm.for_units(recognizer.units)
-    refs, emissions, spans = [], [], {}
+    refs, emissions, spans = [], [], {}  # emissions: per utterance, (searched frames, character frames) of each segment
     for manifest in manifests:
         utterances = read_manifest(manifest)
         start = len(refs)
         for utt in utterances[:limit] if limit else utterances:
-            log_probs = recognizer.log_probs(iter_audio(utt.audio))
-            emissions.append((recognizer.select(log_probs, phones), recognizer.select(log_probs, False) if phones else None))
+            log_probs, segments = recognizer.segmented_log_probs(iter_audio(utt.audio))
+            parts = [log_probs[a:b] for a, b in segments]
+            emissions.append([(recognizer.select(p, phones), recognizer.select(p, False) if phones else None) for p in parts])
             refs.append(utt.text)
         if any(text.strip() for text in refs[start:]):  # a manifest of silences has no WER of its own
             spans[str(manifest)] = (start, len(refs))
@@ -60,12 +61,12 @@ def tune_decoder(
     for weight, score in itertools.product(lm_weights, word_scores):
         settings = replace(base, lm_weight=weight, word_score=score)
         decoder = BeamSearchDecoder(recognizer.beam_vocabulary, lm, settings, char_vocabulary=chars)
-        if phones:  # one search per utterance, reranked with each weight
-            decoded = [decoder.decode_reranked(e, recognizer.frame_shift, c, weights) for e, c in emissions]
+        if phones:  # one search per segment, reranked with each weight
+            decoded = [[decoder.decode_reranked(e, recognizer.frame_shift, c, weights) for e, c in segments] for segments in emissions]
         else:
-            decoded = [[decoder.decode(e, recognizer.frame_shift)] for e, _ in emissions]
+            decoded = [[[decoder.decode(e, recognizer.frame_shift)] for e, _ in segments] for segments in emissions]
         for i, char_weight in enumerate(weights):
-            hypotheses = [transcripts[i].text for transcripts in decoded]
+            hypotheses = [" ".join(t for t in (segment[i].text for segment in segments) if t) for segments in decoded]
             rates = error_rates(refs, hypotheses)
             per_manifest = {name: error_rates(refs[a:b], hypotheses[a:b]) for name, (a, b) in spans.items()}
             mean_wer = sum(r["wer"] for r in per_manifest.values()) / max(len(per_manifest), 1)
