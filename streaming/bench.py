@@ -84,13 +84,13 @@ def stream_benchmark(
             run = stream_utterance(recognizer, audio, options)
             compute += run["compute"]
             audio_seconds += len(audio) / SAMPLE_RATE
-            log_probs = recognizer.log_probs([audio])  # offline output: the offline transcript and the alignment
+            log_probs = recognizer.log_probs([audio])  # the model's output, to align the reference with
             ends = reference_speech_ends(recognizer, log_probs, text)
             words, finals = latencies([(clock, event.to_dict()) for clock, event in run["timeline"]], ends)
             word_latency += words
             final_latency += finals
             streamed.append(" ".join(e.text for _, e in run["timeline"] if isinstance(e, Final)) or "<empty>")
-            offline.append(recognizer.decode(log_probs).text or "<empty>")
+            offline.append(recognizer.transcribe(audio, SAMPLE_RATE).text or "<empty>")  # decoded by segments, as streamed
             refs.append(text)
         name = f"{Path(manifest).parent.name}/{Path(manifest).stem}"
         result = {
@@ -138,7 +138,7 @@ def hour_memory(recognizer: Recognizer, options: StreamOptions, minutes: int, sp
                 marks.discard(mark)
                 rss[f"rss_mb_after_{mark // (60 * second)}_min"] = _rss_mb()
     finals += sum(isinstance(e, Final) for e in stream.finish())
-    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6, 1)  # kB -> MB, as _rss_mb
     return {**rss, "utterances": index, "finals": finals, "peak_rss_mb": peak}
 
 
@@ -251,16 +251,17 @@ def _start_server(recognizer: Recognizer, max_connections: int):
     return server, f"ws://127.0.0.1:{server.port}", stop
 
 
-async def _lockstep_client(url: str, audio: np.ndarray, piece: float = 0.2) -> list[dict]:
-    """vosk-server's example client: send a piece, wait for its one reply, repeat; then eof and its one reply."""
+async def _lockstep_client(url: str, pcm: np.ndarray, piece: float = 0.2) -> list[dict]:
+    """vosk-server's example client: send a piece of pcm (samples,) int16, wait for its one reply, repeat; then eof
+    and its one reply."""
     from websockets.asyncio.client import connect
 
     replies = []
     async with connect(url, max_size=None) as ws:
         await ws.send(json.dumps({"config": {"sample_rate": SAMPLE_RATE}}))
         step = int(piece * SAMPLE_RATE)
-        for start in range(0, len(audio), step):
-            await ws.send((np.clip(audio[start : start + step], -1, 1) * 32767).astype("<i2").tobytes())
+        for start in range(0, len(pcm), step):
+            await ws.send(pcm[start : start + step].astype("<i2").tobytes())
             replies.append(json.loads(await ws.recv()))
         await ws.send('{"eof" : 1}')
         replies.append(json.loads(await ws.recv()))
@@ -275,14 +276,15 @@ def lockstep_benchmark(recognizer: Recognizer, paths: list[str], log=print) -> d
     server, url, stop = _start_server(recognizer, 2)
     rows = []
     try:
-        asyncio.run(_lockstep_client(url, np.zeros(SAMPLE_RATE, dtype=np.float32)))  # warm-up
+        asyncio.run(_lockstep_client(url, np.zeros(SAMPLE_RATE, dtype=np.int16)))  # warm-up
         for path in paths:
-            audio = load_audio(path)
+            pcm = np.clip(np.round(load_audio(path) * 32768), -32768, 32767).astype(np.int16)
+            audio = pcm / np.float32(32768)  # what the server makes of the PCM
             began = time.perf_counter()
             offline = recognizer.transcribe(audio, SAMPLE_RATE)
             offline_seconds = time.perf_counter() - began
             began = time.perf_counter()
-            replies = asyncio.run(_lockstep_client(url, audio))
+            replies = asyncio.run(_lockstep_client(url, pcm))
             client_seconds = time.perf_counter() - began
             streamed = " ".join(r["text"] for r in replies if r.get("text"))
             row = {

@@ -61,6 +61,11 @@ def pieces_of(audio: np.ndarray, rate: int = SAMPLE_RATE, seconds: float = 0.2) 
     return [pcm16(audio[start : start + step]) for start in range(0, len(audio), step)]
 
 
+def as_sent(audio: np.ndarray) -> np.ndarray:
+    """The audio as the server receives it in 16-bit PCM (what offline recognition must be given to compare)."""
+    return np.frombuffer(pcm16(audio), dtype="<i2") / np.float32(32768)
+
+
 def finals(replies: list[dict]) -> list[dict]:
     return [r for r in replies if "partial" not in r]
 
@@ -77,7 +82,7 @@ def test_lockstep_client_gets_one_reply_per_message_and_the_offline_text(server,
     pieces = pieces_of(audio)
     replies = asyncio.run(lockstep(server.url, pieces, '{ "config" : { "sample_rate" : 16000 } }'))
     check_rule(replies, pieces)
-    offline = recognizer.transcribe(audio, SAMPLE_RATE)
+    offline = recognizer.transcribe(as_sent(audio), SAMPLE_RATE)
     assert " ".join(r["text"] for r in finals(replies) if r["text"]) == offline.text
     assert offline.text.startswith(" ".join(CLIPS.values())) and len(offline.segments) == 3  # the last one comes at eof
     words = [w for r in finals(replies) for w in r.get("result", [])]  # words by default
@@ -92,7 +97,7 @@ def test_lockstep_client_with_a_phrase_list(server, recognizer):
     config = json.dumps({"config": {"phrase_list": GRAMMAR, "sample_rate": 16000.0, "words": 0}})
     replies = asyncio.run(lockstep(server.url, pieces, config))
     check_rule(replies, pieces)
-    assert " ".join(r["text"] for r in finals(replies) if r["text"]) == recognizer.transcribe(audio, SAMPLE_RATE, grammar=GRAMMAR).text
+    assert " ".join(r["text"] for r in finals(replies) if r["text"]) == recognizer.transcribe(as_sent(audio), SAMPLE_RATE, grammar=GRAMMAR).text
     assert " ".join(r["text"] for r in finals(replies) if r["text"]) == " ".join(CLIPS.values())
     assert all("result" not in r for r in replies)
 
@@ -103,7 +108,7 @@ def test_lockstep_client_with_max_alternatives(server, recognizer):
     replies = asyncio.run(lockstep(server.url, pieces, json.dumps({"config": {"max_alternatives": 20, "sample_rate": 16000}})))
     check_rule(replies, pieces)
     best = " ".join(r["alternatives"][0]["text"] for r in finals(replies) if r["alternatives"][0]["text"])
-    assert best == recognizer.transcribe(audio, SAMPLE_RATE).text == " ".join(CLIPS.values())
+    assert best == recognizer.transcribe(as_sent(audio), SAMPLE_RATE).text == " ".join(CLIPS.values())
     assert all("result" in a for r in finals(replies) for a in r["alternatives"])
 
 
@@ -232,7 +237,7 @@ def test_model_key_names_the_served_models_and_never_opens_a_path(recognizer, ti
         running.stop()
     assert error["type"] == "error" and "default" in error["error"] and "small-chunks" in error["error"]
     assert "never opens a path" in error["error"]
-    assert " ".join(r["text"] for r in finals(picked) if r["text"]) == other.transcribe(conversation(), SAMPLE_RATE).text
+    assert " ".join(r["text"] for r in finals(picked) if r["text"]) == other.transcribe(as_sent(conversation()), SAMPLE_RATE).text
 
 
 def test_vosk_default_rate_with_sample_rate_8000(recognizer):
@@ -244,7 +249,7 @@ def test_vosk_default_rate_with_sample_rate_8000(recognizer):
         replies = asyncio.run(lockstep(running.url, pieces_of(audio, 8000), None))  # no config: the server's rate
     finally:
         running.stop()
-    assert " ".join(r["text"] for r in finals(replies) if r["text"]) == recognizer.transcribe(audio, 8000).text
+    assert " ".join(r["text"] for r in finals(replies) if r["text"]) == recognizer.transcribe(as_sent(audio), 8000).text
 
 
 def test_lockstep_benchmark_compares_with_offline(recognizer, tmp_path):
