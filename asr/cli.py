@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -334,7 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning  # library warnings (an unpronounceable hotword, say) as one plain line
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.time()

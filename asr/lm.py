@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -158,6 +159,19 @@ def _torchaudio_decoder():
             "install a torchaudio that matches your torch and `pip install flashlight-text`, or use --decoder greedy"
         ) from error
     return _ctc_decoder, CTCDecoderLM
+
+
+def _pronounced(words: list[str]) -> dict[str, list[list[str]]]:
+    """Phone-lexicon entries of hotwords; a word with no pronunciation is left out with a ``PronunciationWarning``."""
+    from .phones import PronunciationError, PronunciationWarning, shared_pronouncer
+
+    entries = {}
+    for word in words:
+        try:
+            entries[word] = [spell_phones(p).split() for p in shared_pronouncer().variants(word)]
+        except PronunciationError as error:
+            warnings.warn(f"hotword {word!r} left out of the phone search: {error}", PronunciationWarning, stacklevel=2)
+    return entries
 
 
 def _hotword_lm(base_lm, word_ids: set[int], bonus: float):
@@ -311,19 +325,15 @@ class BeamSearchDecoder:
             try:
                 lexicon = flashlight._load_words(str(lm.lexicon_file))
                 missing = [w for w in self.hotwords if w not in lexicon]
-                if missing and self.units == "phones":
-                    from .phones import shared_pronouncer
-
-                    pronouncer = shared_pronouncer()
-                    for word in missing:
-                        lexicon[word] = [spell_phones(p).split() for p in pronouncer.variants(word)]
-                for word in missing:
-                    lexicon.setdefault(word, [spell(word).split()])
+                if self.units == "phones":
+                    lexicon.update(_pronounced(missing))
+                else:
+                    lexicon.update({word: [spell(word).split()] for word in missing})
                 options = flashlight._LexiconDecoderOptions(word_score=s.word_score, unk_score=s.unk_score, **common)
                 word_dict = flashlight._get_word_dict(lexicon, str(lm.model_file), None, tokens_dict, UNK_WORD)
                 language_model = flashlight._KenLM(str(lm.model_file), word_dict)
                 if self.hotwords:
-                    ids = {word_dict.get_index(w) for w in self.hotwords}
+                    ids = {word_dict.get_index(w) for w in self.hotwords if w in lexicon}
                     language_model = _hotword_lm(language_model, ids, s.hotword_bonus)
                 trie = flashlight._construct_trie(tokens_dict, word_dict, lexicon, language_model, silence)
             except (RuntimeError, ValueError, OSError) as error:  # flashlight raises RuntimeError for unreadable files

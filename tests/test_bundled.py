@@ -1,8 +1,10 @@
 """The bundled English model and language model, as a user gets them after install."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jiwer
 import pytest
@@ -63,3 +65,17 @@ def test_vosk_round_trip_with_the_bundled_model():
     text = " ".join(r["text"] for r in replies if r.get("text"))
     assert jiwer.cer(REFERENCE, text) < 0.45, text
     assert all(w["start"] < w["end"] for r in replies for w in r.get("result", []))
+
+
+def test_hotwords_outside_cmudict_with_pip_alone():
+    """The README's hotwords on a machine set up with pip only: espeak-ng's library comes from a wheel."""
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no espeak-ng program on it
+    result = subprocess.run(
+        [sys.executable, "-m", "asr", "transcribe", str(DATA / "LJ002-0179.opus"), "--hotwords", "Kheafield,Zyzzogeton"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0 and "error" not in result.stderr.lower(), result.stderr
+    assert jiwer.cer(REFERENCE, result.stdout.strip()) < 0.45, result.stdout

@@ -209,3 +209,13 @@ def test_tune_decoder_reports_each_manifest_and_can_choose_by_their_mean(tiny_mo
 
     bad = subprocess.run(command[:-1] + ["median"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "criterion" in bad.stderr
+
+
+def test_text_sources_may_be_xz_compressed(tmp_path):
+    import lzma
+
+    from training.lm import read_sentences
+
+    with lzma.open(tmp_path / "books.txt.xz", "wt", encoding="utf-8") as handle:
+        handle.write("It was the best of times.\nIt was the WORST of times!\n\n")
+    assert list(read_sentences(tmp_path / "books.txt.xz")) == ["it was the best of times", "it was the worst of times"]

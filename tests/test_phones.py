@@ -1,6 +1,7 @@
 """Phones as output units: pronunciations, the phone output layer, training it, and decoding it with a phone lexicon."""
 
 import csv
+import functools
 import itertools
 import json
 import math
@@ -18,13 +19,22 @@ from asr.audio import SAMPLE_RATE, load_audio
 from asr.checkpoint import CheckpointError, ModelBundle, bundle_from_dict, bundle_to_dict, load_model_file, save_model
 from asr.lm import PHONE_LEXICON_FILE, BeamSearchDecoder, DecoderSettings, LanguageModel, ctc_log_likelihoods, spell_phones
 from asr.model import CTCModel
-from asr.phones import PHONE_TOKENS, PHONES, Pronouncer, ipa_to_arpabet, phone_vocabulary
+from asr.phones import (
+    PHONE_TOKENS,
+    PHONES,
+    EspeakLibrary,
+    Pronouncer,
+    PronunciationWarning,
+    espeak_backend,
+    ipa_to_arpabet,
+    phone_vocabulary,
+)
 from asr.text import Vocabulary
 from streaming.recognizer import Final, RecognitionStream
 from tests.conftest import CLIPS, DATA, TINY_MODEL, quiet_noise, tiny_train_config, write_manifest
 from tests.test_streaming import write_unigram_lm
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+needs_espeak = pytest.mark.skipif(espeak_backend() is None, reason="neither espeakng-loader (pip) nor espeak-ng (apt) is installed")
 LETTERS = "'abcdefghijklmnopqrstuvwxyz"
 
 
@@ -43,6 +53,41 @@ def test_words_outside_cmudict_are_spelled_by_espeak():
     assert pronouncer.pronounce("cucumetto") == ("K", "Y", "UW", "K", "Y", "UW", "M", "EH", "T", "OW")
     guessed = pronouncer.guess(["ronicky", "vampa"])
     assert guessed == {"ronicky": ("R", "AA", "N", "IH", "K", "IY"), "vampa": ("V", "AE", "M", "P", "AH")}
+
+
+def test_espeak_comes_from_pip_and_spells_like_the_program(monkeypatch):
+    """The espeakng-loader wheel's library needs no espeak-ng program (a machine set up with pip alone)."""
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    backend = espeak_backend()
+    assert isinstance(backend, EspeakLibrary)
+    assert Pronouncer().guess(["kheafield", "zyzzogeton"]) == {
+        "kheafield": ("K", "IY", "F", "IY", "L", "D"),
+        "zyzzogeton": ("Z", "IH", "Z", "OW", "JH", "T", "AH", "N"),
+    }
+    assert backend.ipa("cucumetto") == ["k", "j", "ˌuː", "k", "j", "uː", "m", "ˈɛ", "ɾ", "oʊ"]  # as `espeak-ng --ipa --sep=_`
+
+
+def without_espeak(monkeypatch) -> None:
+    import asr.phones
+
+    monkeypatch.setattr(asr.phones, "espeak_backend", lambda: None)
+    asr.phones.shared_pronouncer.cache_clear()
+    monkeypatch.setattr(asr.phones, "shared_pronouncer", functools.cache(lambda: Pronouncer()))
+
+
+def test_an_unpronounceable_hotword_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    from training.lm import add_phone_lexicon
+
+    without_espeak(monkeypatch)
+    folder = write_unigram_lm(tmp_path, ["how", "the", "sat", "mat", "zyzzogeton"])
+    with pytest.warns(PronunciationWarning, match="zyzzogeton"):
+        words, _ = add_phone_lexicon(folder)  # `asr lm build --phones` leaves the word out instead of failing
+    assert words == 5 and not any(line.startswith("zyzzogeton") for line in (folder / PHONE_LEXICON_FILE).read_text().splitlines())
+    phones_lm = LanguageModel.load(folder).for_units("phones")
+    with pytest.warns(PronunciationWarning, match="kheafield"):
+        decoder = BeamSearchDecoder(phone_vocabulary(), phones_lm, DecoderSettings(lm_weight=0.5), hotwords=["Kheafield", "cat"])
+    spoken = Pronouncer().phones_of_text("the cat sat")
+    assert decoder.decode(phone_emissions(spoken), 0.03).text == "the cat sat"  # the other hotword still works
 
 
 def test_without_espeak_unknown_words_are_a_clear_error():

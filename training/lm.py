@@ -10,15 +10,17 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import lzma
 import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from asr.lm import CONFIG_FILE, LEXICON_FILE, PHONE_LEXICON_FILE, DecoderSettings, LanguageModel, LanguageModelError, spell, spell_phones
-from asr.phones import Pronouncer, PronunciationError
+from asr.phones import ESPEAK_MISSING, Pronouncer, PronunciationError, PronunciationWarning
 from asr.text import normalize_text
 
 KENLM_INSTALL_HINT = (
@@ -45,11 +47,11 @@ def find_kenlm_tool(name: str) -> str | None:
 
 
 def read_sentences(path: str | os.PathLike) -> Iterator[str]:
-    """Normalised lines of a text file (.txt, .gz) or the ``text`` fields of a JSONL manifest."""
+    """Normalised lines of a text file (.txt, .gz, .xz) or the ``text`` fields of a JSONL manifest."""
     path = Path(path)
     if not path.is_file():
         raise LanguageModelBuildError(f"text file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
     with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
         for line in handle:
             if path.name.endswith(".jsonl"):
@@ -145,7 +147,8 @@ MAX_HOMOPHONES = 6  # words per pronunciation that the decoder's lexicon trie ho
 def add_phone_lexicon(folder: str | os.PathLike, pronouncer: Pronouncer | None = None) -> tuple[int, int]:
     """Write the phone lexicon of a language-model folder's words (every CMUdict pronunciation; espeak-ng's for the
     words CMUdict lacks) and name it in decoder.json. Returns (words, words spelled by espeak-ng). Beyond
-    ``MAX_HOMOPHONES`` words with the same pronunciation, the rarer ones are left out.
+    ``MAX_HOMOPHONES`` words with the same pronunciation, the rarer ones are left out; so is a word with no
+    pronunciation at all (a ``PronunciationWarning`` names them), which the phone search then cannot produce.
 
     Until ``asr tune-decoder --units phones`` stores settings for phones, they start from the characters' settings.
     """
@@ -157,17 +160,33 @@ def add_phone_lexicon(folder: str | os.PathLike, pronouncer: Pronouncer | None =
     words = list(dict.fromkeys(words))
     try:
         pronouncer = pronouncer or Pronouncer()
-        guessed = [w for w in words if not pronouncer.in_dictionary(w)]
-        if guessed:
-            pronouncer.guess(guessed)
-        lines, homophones = [], collections.Counter()
-        for word in words:  # most frequent first
-            for pronunciation in pronouncer.variants(word):
-                homophones[pronunciation] += 1
-                if homophones[pronunciation] <= MAX_HOMOPHONES:
-                    lines.append(f"{word}\t{spell_phones(pronunciation)}\n")
     except PronunciationError as error:
         raise LanguageModelBuildError(str(error)) from error
+    guessed = [w for w in words if not pronouncer.in_dictionary(w)]
+    try:
+        pronouncer.guess(guessed)  # all at once where it can (one espeak-ng process)
+    except PronunciationError:
+        pass  # word by word below, leaving out those that fail
+    lines, homophones, unpronounced = [], collections.Counter(), []
+    for word in words:  # most frequent first
+        try:
+            variants = pronouncer.variants(word)
+        except PronunciationError:
+            unpronounced.append(word)
+            continue
+        for pronunciation in variants:
+            homophones[pronunciation] += 1
+            if homophones[pronunciation] <= MAX_HOMOPHONES:
+                lines.append(f"{word}\t{spell_phones(pronunciation)}\n")
+    if unpronounced:
+        shown = ", ".join(repr(w) for w in unpronounced[:5])
+        warnings.warn(
+            f"{len(unpronounced)} word(s) with no pronunciation left out of the phone lexicon ({shown}...): {ESPEAK_MISSING}",
+            PronunciationWarning,
+            stacklevel=2,
+        )
+    if not lines:
+        raise LanguageModelBuildError("no word of the lexicon has a pronunciation")
     (lm.folder / PHONE_LEXICON_FILE).write_text("".join(lines), encoding="utf-8")
     config_path = lm.folder / CONFIG_FILE
     config = json.loads(config_path.read_text(encoding="utf-8"))
