@@ -219,3 +219,15 @@ def test_text_sources_may_be_xz_compressed(tmp_path):
     with lzma.open(tmp_path / "books.txt.xz", "wt", encoding="utf-8") as handle:
         handle.write("It was the best of times.\nIt was the WORST of times!\n\n")
     assert list(read_sentences(tmp_path / "books.txt.xz")) == ["it was the best of times", "it was the worst of times"]
+
+
+def test_oov_rates_of_dev_transcripts_by_vocabulary_size(tmp_path):
+    from training.lm import oov_rates, word_counts
+
+    (tmp_path / "text.txt").write_text("the cat sat\nthe cat ran\nthe dog\n")
+    (tmp_path / "dev.jsonl").write_text('{"audio": "a.wav", "text": "the cat barked"}\n')
+    counts = word_counts([tmp_path / "text.txt"])
+    assert counts["the"] == 3 and counts["cat"] == 2
+    rows = oov_rates(counts, [tmp_path / "dev.jsonl"], [1, 2, 100])
+    assert [r[str(tmp_path / "dev.jsonl")] for r in rows] == [66.67, 33.33, 33.33]
+    assert [r["words"] for r in rows] == [1, 2, 5]

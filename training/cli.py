@@ -394,6 +394,22 @@ def run_lm_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_lm_oov(args: argparse.Namespace) -> int:
+    from .lm import LanguageModelBuildError, oov_rates, word_counts
+
+    try:
+        rows = oov_rates(word_counts(args.texts), args.dev, args.sizes)
+    except (LanguageModelBuildError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    names = [Path(m).parent.name for m in args.dev]
+    print("| words | " + " | ".join(f"{n} OOV %" for n in names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for row in rows:
+        print(f"| {row['words']:,} | " + " | ".join(f"{row[str(m)]:.2f}" for m in args.dev) + " |")
+    return 0
+
+
 def run_lm_add_phones(args: argparse.Namespace) -> int:
     from .lm import LanguageModelBuildError, add_phone_lexicon
 
@@ -422,7 +438,7 @@ def add_lm_parser(subparsers) -> None:
     lm = subparsers.add_parser("lm", help="build word n-gram language models for beam search")
     commands = lm.add_subparsers(dest="lm_command", required=True)
     p = commands.add_parser("build", help="normalise text and build a KenLM model plus lexicon")
-    p.add_argument("texts", nargs="+", metavar="TEXT", help="text files (.txt or .gz, one sentence or paragraph a line) or JSONL manifests")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="text files (.txt, .gz, .xz; a sentence or paragraph a line), JSONL manifests")
     p.add_argument("-o", "--output-dir", required=True)
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--max-words", type=int, default=60_000, help="vocabulary size (most frequent words)")
@@ -438,6 +454,11 @@ def add_lm_parser(subparsers) -> None:
     )
     p.add_argument("folder", help="language-model folder (from `asr lm build`)")
     p.set_defaults(handler=run_lm_add_phones)
+    p = commands.add_parser("oov", help="out-of-vocabulary rate of dev manifests for vocabularies of the texts' most frequent words")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="text files or JSONL manifests, as for `asr lm build`")
+    p.add_argument("--dev", nargs="+", required=True, help="manifests whose transcripts are counted")
+    p.add_argument("--sizes", type=int, nargs="+", default=[60_000, 100_000, 150_000, 200_000])
+    p.set_defaults(handler=run_lm_oov)
     p = commands.add_parser("install-kenlm", help="build KenLM's lmplz and build_binary from its PyPI source package")
     p.add_argument("--prefix", default=str(Path.home() / ".local"), help="installs into PREFIX/bin")
     p.add_argument("--jobs", type=int, default=2)

@@ -141,6 +141,30 @@ def build_language_model(
     return out
 
 
+def word_counts(sources: Iterable[str | os.PathLike]) -> collections.Counter[str]:
+    """How often each word occurs in the normalised sentences of the sources."""
+    counts: collections.Counter[str] = collections.Counter()
+    for source in sources:
+        for sentence in read_sentences(source):
+            counts.update(sentence.split())
+    return counts
+
+
+def oov_rates(counts: collections.Counter[str], manifests: Iterable[str | os.PathLike], sizes: Iterable[int]) -> list[dict]:
+    """For each vocabulary size (the most frequent words of ``counts``): the share of each manifest's running words
+    outside the vocabulary, in %."""
+    ranked = [w for w, _ in counts.most_common()]
+    dev = {str(m): [w for sentence in read_sentences(m) for w in sentence.split()] for m in manifests}
+    rows = []
+    for size in sizes:
+        vocabulary = set(ranked[:size])
+        row = {"words": min(size, len(ranked))}
+        for name, words in dev.items():
+            row[name] = round(100 * sum(w not in vocabulary for w in words) / max(len(words), 1), 2)
+        rows.append(row)
+    return rows
+
+
 MAX_HOMOPHONES = 6  # words per pronunciation that the decoder's lexicon trie holds (flashlight drops, and warns about, more)
 
 
