@@ -24,7 +24,7 @@ def greedy():
 
 def test_bundled_files_are_small_and_self_describing():
     assert BUNDLED_MODEL.stat().st_size < 40e6
-    assert sum(f.stat().st_size for f in BUNDLED_LM.iterdir()) < 40e6
+    assert sum(f.stat().st_size for f in BUNDLED_LM.iterdir()) < 60e6  # the 4-gram of 2026-12-06: 53.5 MB
     bundle = load_model_file(BUNDLED_MODEL)
     assert bundle.model.config.chunk_frames > 0 and bundle.metadata["train_hours"] > 10
     assert json.loads((BUNDLED_LM / "decoder.json").read_text())["lm"] == "lm.bin"
