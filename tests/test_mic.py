@@ -87,5 +87,7 @@ def test_microphone_through_the_server(alsa_home, tiny_model):
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     finals = [e["text"] for e in events if e.get("text")]
-    assert finals[:2] == list(CLIPS.values())
+    # the server replies to each message from what it has recognised so far: finals of segments that end between two
+    # messages come merged, so compare the words
+    assert " ".join(finals).startswith(" ".join(CLIPS.values())), finals
     assert any("partial" in e for e in events)
