@@ -231,3 +231,57 @@ def test_oov_rates_of_dev_transcripts_by_vocabulary_size(tmp_path):
     rows = oov_rates(counts, [tmp_path / "dev.jsonl"], [1, 2, 100])
     assert [r[str(tmp_path / "dev.jsonl")] for r in rows] == [66.67, 33.33, 33.33]
     assert [r["words"] for r in rows] == [1, 2, 5]
+
+
+@pytest.fixture
+def existing_lm(tmp_path, monkeypatch):
+    """A language-model folder already in place, and lmplz "found" (the builds below fail before running it)."""
+    import training.lm
+
+    monkeypatch.setattr(training.lm, "find_kenlm_tool", lambda name: "/usr/bin/true")
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    for name in ("decoder.json", "lexicon.txt", "lm.bin"):
+        (folder / name).write_text(f"the old {name}")
+    return folder
+
+
+def _unchanged(folder) -> bool:
+    return sorted(p.name for p in folder.parent.iterdir()) == ["lm", "text"] and all(
+        (folder / name).read_text() == f"the old {name}" for name in ("decoder.json", "lexicon.txt", "lm.bin")
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "contain no words"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "binary file"),
+        (("word " * 25_000).encode(), "one sentence or paragraph a line"),
+    ],
+)
+def test_bad_text_is_a_clear_error_and_leaves_the_existing_lm(existing_lm, content, message):
+    from training.lm import LanguageModelBuildError, build_language_model
+
+    text = existing_lm.parent / "text"
+    text.mkdir()
+    (text / "book.txt").write_bytes(content)
+    with pytest.raises(LanguageModelBuildError, match=message):
+        build_language_model([text / "book.txt"], existing_lm)
+    assert _unchanged(existing_lm)
+
+
+def test_an_interrupted_build_leaves_the_existing_lm(existing_lm, monkeypatch):
+    import training.lm
+
+    text = existing_lm.parent / "text"
+    text.mkdir()
+    (text / "book.txt").write_text("the cat sat\n" * 10)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.lm, "_estimate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.lm.build_language_model([text / "book.txt"], existing_lm)
+    assert _unchanged(existing_lm)  # and no staging folder left beside it

@@ -46,19 +46,38 @@ def find_kenlm_tool(name: str) -> str | None:
     return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
+MAX_LINE_WORDS = 20_000  # a longer line is not a sentence or paragraph: a text without line ends
+
+
 def read_sentences(path: str | os.PathLike) -> Iterator[str]:
-    """Normalised lines of a text file (.txt, .gz, .xz) or the ``text`` fields of a JSONL manifest."""
+    """Normalised lines of a text file (.txt, .gz, .xz) or the ``text`` fields of a JSONL manifest.
+
+    A binary file, unreadable JSON, or a line of more than ``MAX_LINE_WORDS`` words raises ``LanguageModelBuildError``.
+    """
     path = Path(path)
     if not path.is_file():
         raise LanguageModelBuildError(f"text file not found: {path}")
     opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
-    with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if path.name.endswith(".jsonl"):
-                line = json.loads(line).get("text", "") if line.strip() else ""
-            sentence = normalize_text(line)
-            if sentence:
-                yield sentence
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                yield from _sentence(path, number, line)
+    except (OSError, EOFError, lzma.LZMAError, json.JSONDecodeError, UnicodeError) as error:
+        raise LanguageModelBuildError(f"cannot read {path}: {error}") from error
+
+
+def _sentence(path: Path, number: int, line: str) -> Iterator[str]:
+    if "\x00" in line:
+        raise LanguageModelBuildError(f"{path} is a binary file, not text (a NUL byte on line {number})")
+    if path.name.endswith(".jsonl"):
+        line = json.loads(line).get("text", "") if line.strip() else ""
+    sentence = normalize_text(line)
+    if sentence.count(" ") >= MAX_LINE_WORDS:
+        raise LanguageModelBuildError(
+            f"line {number} of {path} holds more than {MAX_LINE_WORDS} words: the text needs one sentence or paragraph a line"
+        )
+    if sentence:
+        yield sentence
 
 
 def build_language_model(
@@ -73,7 +92,9 @@ def build_language_model(
 ) -> Path:
     """Build ``output_dir`` with lm.bin (or lm.arpa), lexicon.txt and decoder.json; returns the folder.
 
-    ``phones``: also the phone lexicon (``add_phone_lexicon``).
+    ``phones``: also the phone lexicon (``add_phone_lexicon``). The files are made in a staging folder beside
+    ``output_dir`` and moved into it only once all are complete (decoder.json last), so a failed or interrupted build
+    leaves a language model already there as it was.
     """
     lmplz = find_kenlm_tool("lmplz")
     if lmplz is None:
@@ -81,64 +102,66 @@ def build_language_model(
     if order < 2:
         raise LanguageModelBuildError("order must be at least 2")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     sources = [str(s) for s in sources]
-    counts: collections.Counter[str] = collections.Counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        sentences = 0
-        with corpus.open("w", encoding="utf-8") as handle:
-            for source in sources:
-                for sentence in read_sentences(source):
-                    handle.write(sentence + "\n")
-                    counts.update(sentence.split())
-                    sentences += 1
-        if not counts:
-            raise LanguageModelBuildError("the text sources contain no words")
-        kept = [w for w, c in counts.most_common(max_words) if c >= min_count] or [w for w, _ in counts.most_common(max_words)]
-        vocab_file = Path(tmp) / "vocab.txt"
-        vocab_file.write_text("\n".join(kept) + "\n", encoding="utf-8")
-        arpa = out / "lm.arpa"
-        prune_args = [str(p) for p in prune[:order]] + [str(prune[-1])] * max(0, order - len(prune))
-        command = [
-            lmplz,
-            "-o",
-            str(order),
-            "--prune",
-            *prune_args,
-            "--limit_vocab_file",
-            str(vocab_file),
-            "--discount_fallback",
-            "-S",
-            "20%",
-            "-T",
-            tmp,
-            "--text",
-            str(corpus),
-            "--arpa",
-            str(arpa),
-        ]
-        _run(command)
-        model_file = arpa
-        build_binary = find_kenlm_tool("build_binary")
-        if build_binary is not None:
-            model_file = out / "lm.bin"
-            _run([build_binary, "-s", "trie", "-q", "8", "-b", "8", str(arpa), str(model_file)])
-            arpa.unlink()
-    (out / LEXICON_FILE).write_text("".join(f"{w}\t{spell(w)}\n" for w in kept), encoding="utf-8")
-    config = {
-        **(settings or DecoderSettings()).to_dict(),
-        "lm": model_file.name,
-        "lexicon": LEXICON_FILE,
-        "order": order,
-        "words": len(kept),
-        "sentences": sentences,
-        "sources": [f"{Path(s).parent.name}/{Path(s).name}" if s.endswith(".jsonl") else Path(s).name for s in sources],
-    }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if phones:
-        add_phone_lexicon(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus, counts, sentences = _write_corpus(sources, Path(tmp))
+            kept = [w for w, c in counts.most_common(max_words) if c >= min_count] or [w for w, _ in counts.most_common(max_words)]
+            model_file = _estimate(lmplz, corpus, kept, order, prune, Path(tmp), staging)
+        (staging / LEXICON_FILE).write_text("".join(f"{w}\t{spell(w)}\n" for w in kept), encoding="utf-8")
+        config = {
+            **(settings or DecoderSettings()).to_dict(),
+            "lm": model_file.name,
+            "lexicon": LEXICON_FILE,
+            "order": order,
+            "words": len(kept),
+            "sentences": sentences,
+            "sources": [f"{Path(s).parent.name}/{Path(s).name}" if s.endswith(".jsonl") else Path(s).name for s in sources],
+        }
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if phones:
+            add_phone_lexicon(staging)
+        out.mkdir(exist_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG_FILE):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _write_corpus(sources: list[str], folder: Path) -> tuple[Path, collections.Counter[str], int]:
+    """The sources' normalised sentences, one a line, in ``folder``: (the file, word counts, sentences)."""
+    counts: collections.Counter[str] = collections.Counter()
+    corpus, sentences = folder / "corpus.txt", 0
+    with corpus.open("w", encoding="utf-8") as handle:
+        for source in sources:
+            for sentence in read_sentences(source):
+                handle.write(sentence + "\n")
+                counts.update(sentence.split())
+                sentences += 1
+    if not counts:
+        raise LanguageModelBuildError("the text sources contain no words")
+    return corpus, counts, sentences
+
+
+def _estimate(lmplz: str, corpus: Path, words: list[str], order: int, prune: tuple[int, ...], tmp: Path, out: Path) -> Path:
+    """KenLM's n-gram model of the corpus over ``words`` in ``out``: lm.bin (a quantised trie), or lm.arpa without
+    build_binary."""
+    vocab_file = tmp / "vocab.txt"
+    vocab_file.write_text("\n".join(words) + "\n", encoding="utf-8")
+    arpa = out / "lm.arpa"
+    prune_args = [str(p) for p in prune[:order]] + [str(prune[-1])] * max(0, order - len(prune))
+    limits = ["--limit_vocab_file", str(vocab_file), "--discount_fallback", "-S", "20%", "-T", str(tmp)]
+    _run([lmplz, "-o", str(order), "--prune", *prune_args, *limits, "--text", str(corpus), "--arpa", str(arpa)])
+    build_binary = find_kenlm_tool("build_binary")
+    if build_binary is None:
+        return arpa
+    model_file = out / "lm.bin"
+    _run([build_binary, "-s", "trie", "-q", "8", "-b", "8", str(arpa), str(model_file)])
+    arpa.unlink()
+    return model_file
 
 
 def word_counts(sources: Iterable[str | os.PathLike]) -> collections.Counter[str]:
