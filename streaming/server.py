@@ -31,7 +31,6 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from asr.decoding import Segment
 from asr.encoder import encode_ready_chunks
 from asr.grammar import Grammar, GrammarError
 from asr.recognizer import Recognizer
@@ -103,14 +102,13 @@ def merge_finals(finals: list[Final]) -> Final:
     if len(finals) == 1:
         return finals[0]
     count = max(len(f.alternatives) for f in finals)
-    segments = [Segment(f.segment, f.start, f.end, f.text, f.words, f.alternatives) for f in finals]
     return Final(
         " ".join(f.text for f in finals),
         finals[0].segment,
         finals[0].start,
         finals[-1].end,
         [w for f in finals for w in f.words],
-        combine_alternatives([s.alternatives for s in segments], count) if count else [],
+        combine_alternatives([f.alternatives for f in finals], count) if count else [],
     )
 
 
@@ -222,9 +220,10 @@ class Session:
         """Seconds of audio sent but not yet recognised."""
         return sum(seconds for _, seconds in self.jobs)
 
-    async def drain(self) -> None:
-        """Wait until all audio sent so far is recognised, and collect it."""
-        while self.jobs:
+    async def drain(self, backlog: float = 0.0) -> None:
+        """Wait until at most ``backlog`` seconds of the audio sent so far are not yet recognised, collecting the rest."""
+        self.harvest()
+        while self.jobs and self.backlog > backlog:
             await asyncio.wait([self.jobs[0][0]])
             self.harvest()
 
@@ -417,13 +416,10 @@ class RecognitionServer:
         if session.stream is None:  # built in a helper thread: neither the event loop nor the inference worker waits
             session.stream = await asyncio.get_running_loop().run_in_executor(None, session.new_stream)
         if data:
-            job = self.worker.audio(session.stream, np.frombuffer(data, dtype="<i2"))
-            session.jobs.append((job, len(data) / 2 / session.sample_rate))
-            session.seconds_received += len(data) / 2 / session.sample_rate
-        session.harvest()
-        while session.backlog > MAX_BACKLOG_SECONDS:  # a client far ahead of recognition waits for it
-            await asyncio.wait([session.jobs[0][0]])
-            session.harvest()
+            seconds = len(data) / 2 / session.sample_rate
+            session.jobs.append((self.worker.audio(session.stream, np.frombuffer(data, dtype="<i2")), seconds))
+            session.seconds_received += seconds
+        await session.drain(MAX_BACKLOG_SECONDS)  # at once, unless the client is far ahead of recognition
         await self._send(connection, session.reply())
 
     async def _finish(self, connection: ServerConnection, session: Session, restart: bool = False) -> None:

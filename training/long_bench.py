@@ -8,6 +8,7 @@ memory is its own; the wall time is that of ``Recognizer.transcribe`` alone, the
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -129,7 +130,7 @@ def _child(mode: str, inputs: list[str], threads: int, model_args: list[str]) ->
 
     from asr.cli import add_model_options, load_recognizer
 
-    parser = __import__("argparse").ArgumentParser()
+    parser = argparse.ArgumentParser()
     add_model_options(parser)
     args = parser.parse_args(model_args)
     args.threads = threads
