@@ -54,6 +54,12 @@ def add_model_options(p: argparse.ArgumentParser, several_models: bool = False) 
         type=float,
         help="phones: weight of the character layer when reranking the final hypotheses (0 = off; default: the LM's tuned value)",
     )
+    d.add_argument(
+        "--lstm-weight", type=float, help="weight of the LSTM LM when rescoring the final hypotheses (default: the LM's tuned value)"
+    )
+    d.add_argument(
+        "--no-lstm", dest="lstm", action="store_false", help="do not rescore final hypotheses with the LM folder's LSTM LM (faster)"
+    )
     d.add_argument("--hotwords", default="", help="comma-separated words or phrases to favour (names, domain terms)")
     d.add_argument("--hotwords-file", help="file with one word or phrase per line to favour")
     d.add_argument(
@@ -98,6 +104,7 @@ def decode_options(args: argparse.Namespace):
             ("lm_weight", args.lm_weight),
             ("word_score", args.word_score),
             ("char_weight", args.char_weight),
+            ("lstm_weight", getattr(args, "lstm_weight", None)),
         )
         if v is not None
     }
@@ -111,6 +118,7 @@ def decode_options(args: argparse.Namespace):
         None if grammar is None else tuple(grammar),
         getattr(args, "alternatives", 0),
         getattr(args, "units", "auto"),
+        lstm=getattr(args, "lstm", True),
     )
 
 

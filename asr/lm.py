@@ -21,11 +21,13 @@ import torch
 
 from .decoding import Alternative, Transcript, Word
 from .grammar import UNK, Grammar, GrammarAutomaton
+from .nnlm import NeuralLM
 from .text import Vocabulary, normalize_text
 
 CONFIG_FILE = "decoder.json"
 LEXICON_FILE = "lexicon.txt"
 PHONE_LEXICON_FILE = "lexicon-phones.txt"
+LSTM_FILE = "lstm.pt"  # the LSTM language model that rescores final hypotheses (asr.nnlm)
 UNITS = ("chars", "phones")
 BLANK_SYMBOL, WORD_BOUNDARY = "-", "|"  # how torchaudio's decoder names our blank and space tokens
 UNK_WORD = "<unk>"
@@ -52,6 +54,7 @@ class DecoderSettings:
     unk_penalty: float = UNK_PENALTY  # grammars: nats per character that "[unk]" stands for
     empty_penalty: float = EMPTY_PENALTY  # grammars: nats charged for no word at all (CTC leans to blanks)
     char_weight: float = 0.0  # phones: weight of the character layer's CTC log-likelihood when reranking finals
+    lstm_weight: float = 0.5  # weight of the LSTM LM's log-probability when rescoring finals (LM folders with one)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1 or self.beam_size_token < 1:
@@ -62,8 +65,8 @@ class DecoderSettings:
             raise ValueError("lm_weight and word_score must be finite")
         if not 0 <= self.unk_penalty < math.inf or not math.isfinite(self.empty_penalty):
             raise ValueError("unk_penalty must be a finite number >= 0 and empty_penalty finite")
-        if not 0 <= self.char_weight < math.inf:
-            raise ValueError("char_weight must be a finite number >= 0")
+        if not 0 <= self.char_weight < math.inf or not 0 <= self.lstm_weight < math.inf:
+            raise ValueError("char_weight and lstm_weight must be finite numbers >= 0")
 
     def to_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
@@ -98,6 +101,7 @@ class LanguageModel:
     units: str = "chars"
     phone_lexicon_file: Path | None = None  # word -> phones, when the folder has one
     phone_settings: DecoderSettings | None = None  # tuned for a phone output layer
+    lstm_file: Path | None = None  # the LSTM LM that rescores final hypotheses, when the folder has one
 
     @property
     def has_phones(self) -> bool:
@@ -127,16 +131,17 @@ class LanguageModel:
             settings = DecoderSettings.from_dict(config)
             phone_lexicon = folder / config["phone_lexicon"] if config.get("phone_lexicon") else None
             phone_settings = DecoderSettings.from_dict({**config, **config.get("phone_settings", {})}) if phone_lexicon else None
+            lstm_file = folder / config["lstm"] if config.get("lstm") else None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise LanguageModelError(f"{config_path} is damaged: {error}") from error
-        for path in (model_file, lexicon_file, phone_lexicon):
+        for path in (model_file, lexicon_file, phone_lexicon, lstm_file):
             if path is not None and not path.is_file():
                 raise LanguageModelError(f"language model file missing: {path}")
         with model_file.open("rb") as handle:
             head = handle.read(64)
         if not (head.startswith(KENLM_BINARY_MAGIC) or head.lstrip().startswith(b"\\data\\")):
             raise LanguageModelError(f"{model_file} is neither a KenLM binary nor an ARPA file")
-        return cls(folder, model_file, lexicon_file, settings, "chars", phone_lexicon, phone_settings)
+        return cls(folder, model_file, lexicon_file, settings, "chars", phone_lexicon, phone_settings, lstm_file)
 
     def save_settings(self, settings: DecoderSettings) -> None:
         """Store tuned decoder settings (of this object's units) in decoder.json."""
@@ -273,7 +278,9 @@ class BeamSearchDecoder:
 
     A phone search can rerank its final hypotheses with the model's character layer: given ``char_vocabulary`` and,
     at decode time, the character log-probs of the same frames, each of the best ``RESCORED_TEXTS`` texts gains
-    ``settings.char_weight`` x its CTC log-likelihood under the characters (partial results are not reranked).
+    ``settings.char_weight`` x its CTC log-likelihood under the characters. Given a ``neural_lm`` (``asr.nnlm``),
+    each also gains ``settings.lstm_weight`` x its log-probability under that LSTM LM. Partial results are not
+    reranked: they stay on the search's fast path.
     """
 
     def __init__(
@@ -284,6 +291,7 @@ class BeamSearchDecoder:
         hotwords: list[str] | tuple[str, ...] = (),
         grammar: Grammar | None = None,
         char_vocabulary: Vocabulary | None = None,
+        neural_lm: NeuralLM | None = None,
     ) -> None:
         flashlight, _ = _torchaudio_decoder()
         self.vocabulary = vocabulary
@@ -295,6 +303,7 @@ class BeamSearchDecoder:
         self.automaton = GrammarAutomaton(grammar, self.settings.unk_penalty, self.settings.empty_penalty) if grammar is not None else None
         if grammar is not None:
             lm, hotwords = None, ()
+        self.neural_lm = neural_lm if lm is not None else None
         self.hotwords = sorted({w for phrase in hotwords for w in normalize_text(phrase).split()})
         s = self.settings
         tokens_dict = flashlight._Dictionary(tokens)
@@ -345,9 +354,13 @@ class BeamSearchDecoder:
         decoder.decoder = self._new_search()
         self._decoder = decoder
 
-    def fork(self) -> BeamSearchDecoder:
-        """A decoder with its own search state over this one's lexicon and LM: one per concurrent stream (cheap)."""
+    def fork(self, rescore: bool = True) -> BeamSearchDecoder:
+        """A decoder with its own search state over this one's lexicon and LM: one per concurrent stream (cheap).
+
+        ``rescore=False``: without this decoder's LSTM LM."""
         clone = copy.copy(self)
+        if not rescore:
+            clone.neural_lm = None
         clone._decoder = copy.copy(self._decoder)
         clone._decoder.decoder = self._new_search()
         return clone
@@ -368,13 +381,26 @@ class BeamSearchDecoder:
         return self._result(results, emissions, frame_shift, offset, alternatives, False, char_log_probs)
 
     def decode_reranked(
-        self, log_probs: torch.Tensor, frame_shift: float, char_log_probs: torch.Tensor, char_weights: list[float]
+        self,
+        log_probs: torch.Tensor,
+        frame_shift: float,
+        char_log_probs: torch.Tensor | None,
+        weights: list[tuple[float, float]],
     ) -> list[Transcript]:
-        """``decode`` once per reranking weight (for tuning): one phone search, its final texts reranked each way."""
+        """``decode`` once per (char_weight, lstm_weight) pair (for tuning): one search, its final texts reranked each
+        way (the character layer and the LSTM LM score each text once)."""
         emissions, results = self._search(log_probs)
         if results is None:
-            return [Transcript("", [], 0.0) for _ in char_weights]
-        return [self._result(results, emissions, frame_shift, 0.0, 0, False, char_log_probs, w) for w in char_weights]
+            return [Transcript("", [], 0.0) for _ in weights]
+        texts = self._final_texts(results)
+        likelihoods = self._char_likelihoods(texts, char_log_probs)
+        lstm = self._lstm_scores(texts) if any(w > 0 for _, w in weights) else None
+        return [
+            self._reranked(texts, emissions, frame_shift, 0.0, 0, likelihoods, lstm, c, w)
+            if (c > 0 and likelihoods is not None) or (w > 0 and lstm is not None)
+            else self._plain(results, emissions, frame_shift, 0.0, 0, False)
+            for c, w in weights
+        ]
 
     def _search(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, list | None]:
         """One whole-utterance search: (the emissions as searched, flashlight's results; None for no frames)."""
@@ -423,18 +449,24 @@ class BeamSearchDecoder:
         alternatives: int,
         partial: bool,
         char_log_probs: torch.Tensor | None = None,
-        char_weight: float | None = None,
     ) -> Transcript:
-        """The best of flashlight's hypotheses (they are sorted by score only after ``decode_end``) and the N-best.
+        """The best of flashlight's hypotheses (they are sorted by score only after ``decode_end``) and the N-best;
+        final results are reranked (``_reranked``) when the character layer or an LSTM LM has a weight.
 
         An alternative's confidence is its share of the probability mass of all hypotheses left in the beam
         (softmax of their total scores; hypotheses with the same text are summed), so the N-best sum to at most 1.
-        ``char_weight``: the reranking weight (default ``settings.char_weight``).
         """
-        weight = self.settings.char_weight if char_weight is None else char_weight
-        rescore = not partial and self.units == "phones" and weight > 0 and self.char_vocabulary is not None and char_log_probs is not None
-        if rescore:
-            return self._reranked(results, emissions, frame_shift, offset, alternatives, char_log_probs, weight)
+        s = self.settings
+        chars = self.units == "phones" and s.char_weight > 0 and self.char_vocabulary is not None and char_log_probs is not None
+        if not partial and (chars or self.rescores):
+            texts = self._final_texts(results)
+            likelihoods = self._char_likelihoods(texts, char_log_probs if chars else None)
+            lstm = self._lstm_scores(texts)
+            return self._reranked(texts, emissions, frame_shift, offset, alternatives, likelihoods, lstm, s.char_weight, s.lstm_weight)
+        return self._plain(results, emissions, frame_shift, offset, alternatives, partial)
+
+    def _plain(self, results, emissions: torch.Tensor, frame_shift: float, offset: float, alternatives: int, partial: bool) -> Transcript:
+        """The search's best hypothesis, and its N-best texts by their summed probability (not reranked)."""
         best = max(results, key=lambda r: r.score)
         transcript = self._to_transcript(self._decoder._to_hypo([best])[0], emissions, frame_shift, offset, partial)
         if alternatives > 0:
@@ -447,19 +479,13 @@ class BeamSearchDecoder:
             transcript.alternatives = [Alternative(c.text, min(1.0, math.exp(lp)), c.words) for lp, c in ranked[:alternatives]]
         return transcript
 
-    def _reranked(
-        self,
-        results,
-        emissions: torch.Tensor,
-        frame_shift: float,
-        offset: float,
-        alternatives: int,
-        char_log_probs: torch.Tensor,
-        char_weight: float,
-    ) -> Transcript:
-        """A phone search's final result reranked with the character layer: each of the ``RESCORED_TEXTS`` best texts
-        scores the log-sum of its hypotheses' scores + ``char_weight`` x log P(text | character frames); the N-best
-        confidences are the softmax of these scores over those texts."""
+    @property
+    def rescores(self) -> bool:
+        """Whether this decoder's final results are rescored with an LSTM language model."""
+        return self.neural_lm is not None and self.settings.lstm_weight > 0
+
+    def _final_texts(self, results) -> dict[str, tuple[float, object]]:
+        """The ``RESCORED_TEXTS`` best distinct texts of a search: text -> (log-sum of its hypotheses' scores, the best)."""
         ranked = sorted(results, key=lambda r: -r.score)
         texts: dict[str, tuple[list[float], object]] = {}
         for result, hypothesis in zip(ranked, self._decoder._to_hypo(ranked)):
@@ -467,20 +493,53 @@ class BeamSearchDecoder:
             if text not in texts and len(texts) == RESCORED_TEXTS:
                 continue
             texts.setdefault(text, ([], hypothesis))[0].append(result.score)
+        return {text: (_logsumexp(scores), hypothesis) for text, (scores, hypothesis) in texts.items()}
+
+    def _char_likelihoods(self, texts: dict, char_log_probs: torch.Tensor | None) -> dict[str, float] | None:
+        """log P(text | character frames) of each text; None without character frames. A text the characters cannot
+        spell (a hotword with a character the model cannot write) gets -inf."""
+        if char_log_probs is None or self.char_vocabulary is None:
+            return None
         encoded: dict[str, list[int]] = {}
         for text in texts:
             try:
                 encoded[text] = self.char_vocabulary.encode(text)
-            except ValueError:  # a hotword with a character the model cannot write: it keeps -inf
+            except ValueError:
                 pass
         likelihoods = dict.fromkeys(texts, -math.inf)
         likelihoods.update(zip(encoded, ctc_log_likelihoods(char_log_probs.detach().float().cpu(), list(encoded.values()))))
-        # with no text the characters can spell in these frames, the phone search's order stands
-        weight = char_weight if any(math.isfinite(v) for v in likelihoods.values()) else 0.0
-        scored = [
-            (_logsumexp(scores) + (weight * likelihoods[text] if weight else 0.0), hypothesis)
-            for text, (scores, hypothesis) in texts.items()
-        ]
+        return likelihoods
+
+    def _lstm_scores(self, texts: dict) -> dict[str, float] | None:
+        """The LSTM LM's log-probability of each text (None without one)."""
+        if self.neural_lm is None:
+            return None
+        return dict(zip(texts, self.neural_lm.score(list(texts))))
+
+    def _reranked(
+        self,
+        texts: dict[str, tuple[float, object]],
+        emissions: torch.Tensor,
+        frame_shift: float,
+        offset: float,
+        alternatives: int,
+        char_likelihoods: dict[str, float] | None,
+        lstm_scores: dict[str, float] | None,
+        char_weight: float,
+        lstm_weight: float,
+    ) -> Transcript:
+        """Final texts reranked: each scores its search score + ``char_weight`` x log P(text | character frames) +
+        ``lstm_weight`` x its LSTM LM log-probability; the N-best confidences are the softmax of these over the texts."""
+        # with no text the characters can spell in these frames, the search's order stands
+        if char_likelihoods is None or not any(math.isfinite(v) for v in char_likelihoods.values()):
+            char_weight = 0.0
+        if lstm_scores is None:
+            lstm_weight = 0.0
+        scored = []
+        for text, (score, hypothesis) in texts.items():
+            score += char_weight * char_likelihoods[text] if char_weight else 0.0
+            score += lstm_weight * lstm_scores[text] if lstm_weight else 0.0
+            scored.append((score, hypothesis))
         scored.sort(key=lambda pair: -pair[0])
         transcript = self._to_transcript(scored[0][1], emissions, frame_shift, offset)
         if alternatives > 0:

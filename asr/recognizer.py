@@ -18,7 +18,8 @@ from .decoding import Alternative, Segment, Transcript, check_alternatives, gree
 from .encoder import ChunkedEncoder
 from .features import LogMelExtractor, StreamingFeatures
 from .grammar import Grammar
-from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel
+from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel, LanguageModelError
+from .nnlm import NeuralLM, NeuralLMError
 from .segmenter import SegmentDecoder, SegmentOptions, join_segments
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
@@ -43,6 +44,7 @@ class DecodeOptions:
     # LM a phone lexicon. Greedy decoding and grammars always use the characters.
     units: str = "auto"
     segmentation: SegmentOptions = SegmentOptions()  # where recordings are cut into the segments decoded one by one
+    lstm: bool = True  # rescore beam search's finals with the LM folder's LSTM LM, when it has one (False: off)
 
     def __post_init__(self) -> None:
         for name in ("chunk_frames", "lookahead_frames"):
@@ -93,6 +95,7 @@ class Recognizer:
         self.grammar_settings = DecoderSettings.from_dict({**base.to_dict(), **options.settings})  # beam size etc.
         self.decoder_settings = self.grammar_settings if self.decoder_name == "beam" else None
         self.grammar = self.parse_grammar(options.grammar) if options.grammar is not None else None
+        self.neural_lm = self._neural_lm(options)
         self._local = threading.local()
         self._templates: collections.OrderedDict[object, BeamSearchDecoder] = collections.OrderedDict()
         self._templates_lock = threading.Lock()
@@ -110,6 +113,16 @@ class Recognizer:
         if options.decoder != "greedy" and bundled and (BUNDLED_LM / "decoder.json").is_file():
             return LanguageModel.load(BUNDLED_LM)
         return None
+
+    def _neural_lm(self, options: DecodeOptions) -> NeuralLM | None:
+        """The LM folder's LSTM LM, when it has one, beam search decodes with it, and ``options.lstm`` allows it."""
+        lm = self.language_model
+        if not options.lstm or self.decoder_name != "beam" or lm is None or lm.lstm_file is None:
+            return None
+        try:
+            return NeuralLM.load(lm.lstm_file)
+        except NeuralLMError as error:
+            raise LanguageModelError(f"cannot load language model {lm.folder}: {error}") from error
 
     def _units(self, options: DecodeOptions) -> str:
         can = self.bundle.phone_vocabulary is not None and self.language_model is not None and self.language_model.has_phones
@@ -147,8 +160,10 @@ class Recognizer:
             decoders.popitem(last=False)
         return decoder
 
-    def stream_decoder(self, hotwords: tuple[str, ...] | list[str] = (), grammar: Grammar | None = None) -> BeamSearchDecoder:
-        """A decoder with its own search state for one stream, from any thread.
+    def stream_decoder(
+        self, hotwords: tuple[str, ...] | list[str] = (), grammar: Grammar | None = None, lstm: bool = True
+    ) -> BeamSearchDecoder:
+        """A decoder with its own search state for one stream, from any thread; ``lstm=False``: without LSTM rescoring.
 
         The lexicon trie and LM behind it are built once per hotword list (seconds) or grammar and shared by all its
         streams; the most recently used ``MAX_HOTWORD_LISTS`` lists and grammars are kept.
@@ -160,11 +175,13 @@ class Recognizer:
                 template = BeamSearchDecoder(self.vocabulary, None, self.grammar_settings, grammar=grammar)
             elif template is None:
                 chars = self.vocabulary if self.units == "phones" else None  # reranks the phone search's finals
-                template = BeamSearchDecoder(self.beam_vocabulary, self.language_model, self.decoder_settings, key, char_vocabulary=chars)
+                template = BeamSearchDecoder(
+                    self.beam_vocabulary, self.language_model, self.decoder_settings, key, char_vocabulary=chars, neural_lm=self.neural_lm
+                )
             self._templates[key] = template
             while len(self._templates) > MAX_HOTWORD_LISTS:
                 self._templates.popitem(last=False)
-        return template.fork()
+        return template.fork(rescore=lstm)
 
     @property
     def sample_rate(self) -> int:

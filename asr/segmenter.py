@@ -61,8 +61,10 @@ class SegmentDecoder:
         grammar: GrammarLike | None = None,
         alternatives: int | None = None,
         record_spans: bool = False,
+        lstm: bool = True,
     ) -> None:
-        """``record_spans``: keep the (start, end) model frames of every segment in ``spans``, words or not."""
+        """``record_spans``: keep the (start, end) model frames of every segment in ``spans``, words or not.
+        ``lstm=False``: finals without the recogniser's LSTM LM rescoring (when it has one)."""
         self.recognizer, self.encoder, self.options = recognizer, encoder, options
         self.spans: list[tuple[int, int]] | None = [] if record_spans else None
         self.frame_shift = recognizer.frame_shift
@@ -75,7 +77,7 @@ class SegmentDecoder:
         if self.grammar is not None:
             self._beam = recognizer.stream_decoder(grammar=self.grammar)
         elif recognizer.decoder_name == "beam":
-            self._beam = recognizer.stream_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords)
+            self._beam = recognizer.stream_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords, lstm=lstm)
         else:
             self._beam = None
         # the frames this stream decodes: the phones' for an LM in phones, else the characters'

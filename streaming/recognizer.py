@@ -83,6 +83,7 @@ class RecognitionStream:
     """Feed audio with ``accept``; call ``finish`` at the end. Not thread-safe: one stream per thread or task.
 
     ``hotwords``, ``grammar`` and ``alternatives`` (N-best entries in each final) default to the recogniser's own.
+    ``lstm=False``: finals are not rescored with the recogniser's LSTM LM (when it has one).
     With a grammar, partials show the words finished so far (a prefix of the grammar's phrases) and commit none.
     """
 
@@ -94,6 +95,7 @@ class RecognitionStream:
         hotwords: list[str] | tuple[str, ...] | None = None,
         grammar: GrammarLike | None = None,
         alternatives: int | None = None,
+        lstm: bool = True,
     ) -> None:
         self.recognizer = recognizer
         self.options = options
@@ -101,7 +103,7 @@ class RecognitionStream:
         self._resampler = StreamResampler(sample_rate)
         self._features = StreamingFeatures(recognizer.extractor)
         self._encoder = recognizer.new_encoder(options.segmentation)
-        self._decoder = SegmentDecoder(recognizer, self._encoder, options.segmentation, hotwords, grammar, alternatives)
+        self._decoder = SegmentDecoder(recognizer, self._encoder, options.segmentation, hotwords, grammar, alternatives, lstm=lstm)
         self._frame_shift = recognizer.frame_shift
         self._lookahead = recognizer.model.config.lookahead_frames
         self._last_partial = ""

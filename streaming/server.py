@@ -40,7 +40,7 @@ from .recognizer import Final, Partial, RecognitionStream, StreamOptions
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # the browser client served at /
-CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "grammar", "hotwords", "model"}
+CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "grammar", "hotwords", "model", "lstm"}
 DEFAULT_MODEL = "default"  # the name of the first model a server serves
 MAX_BACKLOG_SECONDS = 10.0  # audio a connection may send ahead of recognition before its replies wait for it
 MAX_PHRASES = 1000  # entries of a connection's grammar or hotword list
@@ -136,6 +136,7 @@ class Session:
         self.hotwords: list[str] | None = None  # None: the server's own
         self.grammar: Grammar | None = None  # None: the server's own (usually none)
         self.alternatives = 0
+        self.lstm = True  # finals rescored with the model's LSTM LM when the server loaded one
         self.model = DEFAULT_MODEL
         self.stream: RecognitionStream | None = None
         self.pending: list[Final] = []  # finals recognised since the last reply
@@ -173,6 +174,10 @@ class Session:
                 except GrammarError as error:
                     raise ProtocolError(f"{key}: {error}") from error
         hotwords = _phrase_list(config, "hotwords") if "hotwords" in config else self.hotwords
+        lstm = config.get("lstm", self.lstm)
+        if not isinstance(lstm, bool):
+            raise ProtocolError(f"lstm must be true or false (rescoring finals with the LSTM LM), got {str(lstm)[:100]!r}")
+        self.lstm = lstm
         self.sample_rate, self.alternatives, self.grammar, self.hotwords = int(rate), alternatives, grammar, hotwords
         self.words = bool(config.get("words", self.words))
         self.model = model
@@ -196,6 +201,7 @@ class Session:
             hotwords=self.hotwords,
             grammar=self.grammar,
             alternatives=self.alternatives,
+            lstm=self.lstm,
         )
 
     def collect(self, events: list[Partial | Final]) -> None:

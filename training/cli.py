@@ -434,6 +434,34 @@ def run_lm_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_lm_train_lstm(args: argparse.Namespace) -> int:
+    from asr.nnlm import NeuralLMConfig
+
+    from .lm import LanguageModelBuildError
+    from .nnlm import NeuralLMTraining, install_neural_lm, prepare_corpus, train_neural_lm
+
+    work = Path(args.work)
+    try:
+        NeuralLMConfig(args.max_words + 2, args.embed_dim, args.hidden_size, args.layers, tuple(args.cutoffs))  # checked before reading
+        settings = NeuralLMTraining(args.minutes, args.batch_size, args.bptt, args.learning_rate, threads=args.threads)
+        print(f"reading the text into {work} ...", file=sys.stderr)
+        corpus = prepare_corpus(args.texts, work, args.max_words)
+        print(
+            f"corpus: {corpus['tokens']:,} words ({100 * corpus['unknown_rate']:.2f} % outside the {corpus['words']:,}-word vocabulary)",
+            file=sys.stderr,
+        )
+        config = NeuralLMConfig(corpus["words"], args.embed_dim, args.hidden_size, args.layers, tuple(args.cutoffs))
+        lm = train_neural_lm(work, config, settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+        lm.info["sources"] = corpus["sources"]
+        path = install_neural_lm(lm, args.output)
+    except (LanguageModelBuildError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    size = path.stat().st_size / 1e6
+    print(f"LSTM language model in {path}: {lm.parameters / 1e6:.1f} M parameters, {size:.1f} MB, {lm.info}", file=sys.stderr)
+    return 0
+
+
 def add_lm_parser(subparsers) -> None:
     lm = subparsers.add_parser("lm", help="build word n-gram language models for beam search")
     commands = lm.add_subparsers(dest="lm_command", required=True)
@@ -459,6 +487,27 @@ def add_lm_parser(subparsers) -> None:
     p.add_argument("--dev", nargs="+", required=True, help="manifests whose transcripts are counted")
     p.add_argument("--sizes", type=int, nargs="+", default=[60_000, 100_000, 150_000, 200_000])
     p.set_defaults(handler=run_lm_oov)
+    p = commands.add_parser(
+        "train-lstm",
+        help="train the LSTM language model that rescores final hypotheses (CPU, resumable)",
+        description="Normalise the text into --work (once), train for --minutes of wall-clock time with checkpoints "
+        "every 5 minutes (run the same command again to resume after an interruption), then write the model: into "
+        "a language-model folder (named in its decoder.json) or to a file. Tune its weight with asr tune-decoder.",
+    )
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="text files or JSONL manifests, as for `asr lm build`")
+    p.add_argument("-o", "--output", required=True, help="language-model folder (from `asr lm build`) or a .pt file")
+    p.add_argument("--work", required=True, help="folder for the prepared text and checkpoints (resumes from them)")
+    p.add_argument("--minutes", type=float, default=60.0, help="training time (the learning rate decays over it)")
+    p.add_argument("--max-words", type=int, default=100_000, help="vocabulary size (most frequent words)")
+    p.add_argument("--embed-dim", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--cutoffs", type=int, nargs="+", default=[2000, 10000], help="adaptive softmax cluster boundaries")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bptt", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(handler=run_lm_train_lstm)
     p = commands.add_parser("install-kenlm", help="build KenLM's lmplz and build_binary from its PyPI source package")
     p.add_argument("--prefix", default=str(Path.home() / ".local"), help="installs into PREFIX/bin")
     p.add_argument("--jobs", type=int, default=2)
@@ -497,6 +546,7 @@ def run_tune(args: argparse.Namespace) -> int:
             log=lambda m: print(m, file=sys.stderr),
             char_weights=args.char_weights,
             criterion=args.criterion,
+            lstm_weights=args.lstm_weights,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -505,6 +555,7 @@ def run_tune(args: argparse.Namespace) -> int:
     if not args.dry_run:
         lm.for_units(recognizer.units).save_settings(best)
         rerank = f" char_weight={best.char_weight}" if recognizer.units == "phones" else ""
+        rerank += f" lstm_weight={best.lstm_weight}" if lm.lstm_file is not None else ""
         print(
             f"saved lm_weight={best.lm_weight} word_score={best.word_score}{rerank} for {recognizer.units} in {lm.folder / 'decoder.json'}",
             file=sys.stderr,
@@ -520,6 +571,12 @@ def add_tune_parser(subparsers) -> None:
     add_model_options(p)
     p.add_argument("--lm-weights", type=float, nargs="+", default=[0.3, 0.5, 0.8, 1.1, 1.5])
     p.add_argument("--word-scores", type=float, nargs="+", default=[-1.0, 0.0, 1.0, 2.0])
+    p.add_argument(
+        "--lstm-weights",
+        type=float,
+        nargs="+",
+        help="weights of the LM folder's LSTM LM when rescoring finals (default: the LM's own value)",
+    )
     p.add_argument(
         "--char-weights",
         type=float,

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from asr.audio import iter_audio
 from asr.lm import BeamSearchDecoder, DecoderSettings, LanguageModel
+from asr.nnlm import NeuralLM
 from asr.recognizer import Recognizer
 
 from .manifest import read_manifest
@@ -26,8 +27,9 @@ def tune_decoder(
     log=print,
     char_weights: list[float] | None = None,
     criterion: str = "pooled",
+    lstm_weights: list[float] | None = None,
 ) -> tuple[DecoderSettings, list[dict]]:
-    """Encode the dev audio once, decode it with every (lm_weight, word_score[, char_weight]); returns the best
+    """Encode the dev audio once, decode it with every (lm_weight, word_score[, char_weight][, lstm_weight]); returns the best
     settings and all results. Each utterance is decoded segment by segment, as ``Recognizer.transcribe`` decodes it.
 
     Each result holds the WER and CER over all utterances pooled, and each manifest's own. ``criterion`` chooses the
@@ -36,6 +38,8 @@ def tune_decoder(
 
     Tunes the settings of the recogniser's units (``Recognizer.units``: characters or phones). ``char_weights``
     (phones only; default: the LM's own value) weigh the character layer when reranking the phone search's finals.
+    ``lstm_weights`` (default: the LM's own value) weigh the LM folder's LSTM LM when rescoring finals; an LM without
+    one is tuned without.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, not {criterion!r}")
@@ -56,28 +60,39 @@ def tune_decoder(
             spans[str(manifest)] = (start, len(refs))
     base = lm.settings if beam_size is None else replace(lm.settings, beam_size=beam_size)
     chars = recognizer.vocabulary if phones else None
-    weights = char_weights or [base.char_weight]
+    neural_lm = NeuralLM.load(lm.lstm_file) if lm.lstm_file is not None else None
+    if lstm_weights and neural_lm is None:
+        raise ValueError(f"language model {lm.folder} has no LSTM LM to weigh (train one with `asr lm train-lstm`)")
+    pairs = list(itertools.product(char_weights or [base.char_weight], lstm_weights or [base.lstm_weight]))
     results = []
     for weight, score in itertools.product(lm_weights, word_scores):
         settings = replace(base, lm_weight=weight, word_score=score)
-        decoder = BeamSearchDecoder(recognizer.beam_vocabulary, lm, settings, char_vocabulary=chars)
-        if phones:  # one search per segment, reranked with each weight
-            decoded = [[decoder.decode_reranked(e, recognizer.frame_shift, c, weights) for e, c in segments] for segments in emissions]
-        else:
-            decoded = [[[decoder.decode(e, recognizer.frame_shift)] for e, _ in segments] for segments in emissions]
-        for i, char_weight in enumerate(weights):
+        decoder = BeamSearchDecoder(recognizer.beam_vocabulary, lm, settings, char_vocabulary=chars, neural_lm=neural_lm)
+        # one search per segment, its finals reranked with each pair of weights
+        decoded = [[decoder.decode_reranked(e, recognizer.frame_shift, c, pairs) for e, c in segments] for segments in emissions]
+        for i, (char_weight, lstm_weight) in enumerate(pairs):
             hypotheses = [" ".join(t for t in (segment[i].text for segment in segments) if t) for segments in decoded]
-            rates = error_rates(refs, hypotheses)
-            per_manifest = {name: error_rates(refs[a:b], hypotheses[a:b]) for name, (a, b) in spans.items()}
-            mean_wer = sum(r["wer"] for r in per_manifest.values()) / max(len(per_manifest), 1)
-            setting = {"lm_weight": weight, "word_score": score, "char_weight": char_weight}
-            results.append({**setting, **rates, "mean_wer": mean_wer, "manifests": per_manifest})
-            rerank = f" char_weight {char_weight:4.2f}" if phones else ""
-            each = " ".join(f"{100 * r['wer']:.2f}" for r in per_manifest.values())
-            log(
-                f"lm_weight {weight:5.2f} word_score {score:5.2f}{rerank}: WER {100 * rates['wer']:6.2f}% CER {100 * rates['cer']:6.2f}%"
-                f" mean WER {100 * mean_wer:6.2f}% (each: {each})"
-            )
+            setting = {"lm_weight": weight, "word_score": score, "char_weight": char_weight, "lstm_weight": lstm_weight}
+            results.append({**setting, **_rates(refs, hypotheses, spans)})
+            log(_describe(results[-1], phones, neural_lm is not None))
     key = "wer" if criterion == "pooled" else "mean_wer"
     best = min(results, key=lambda r: (r[key], r["cer"]))
-    return replace(base, lm_weight=best["lm_weight"], word_score=best["word_score"], char_weight=best["char_weight"]), results
+    return replace(base, **{k: best[k] for k in ("lm_weight", "word_score", "char_weight", "lstm_weight")}), results
+
+
+def _rates(refs: list[str], hypotheses: list[str], spans: dict[str, tuple[int, int]]) -> dict:
+    """WER and CER pooled, each manifest's, and the mean of the manifests' WERs."""
+    rates = error_rates(refs, hypotheses)
+    per_manifest = {name: error_rates(refs[a:b], hypotheses[a:b]) for name, (a, b) in spans.items()}
+    mean_wer = sum(r["wer"] for r in per_manifest.values()) / max(len(per_manifest), 1)
+    return {**rates, "mean_wer": mean_wer, "manifests": per_manifest}
+
+
+def _describe(result: dict, phones: bool, lstm: bool) -> str:
+    rerank = f" char_weight {result['char_weight']:4.2f}" if phones else ""
+    rerank += f" lstm_weight {result['lstm_weight']:4.2f}" if lstm else ""
+    each = " ".join(f"{100 * r['wer']:.2f}" for r in result["manifests"].values())
+    return (
+        f"lm_weight {result['lm_weight']:5.2f} word_score {result['word_score']:5.2f}{rerank}: WER {100 * result['wer']:6.2f}%"
+        f" CER {100 * result['cer']:6.2f}% mean WER {100 * result['mean_wer']:6.2f}% (each: {each})"
+    )
