@@ -35,7 +35,6 @@ KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"
 HOTWORD_BONUS = 8.0  # added to the LM score of each hotword, in natural-log units before lm_weight
 UNK_PENALTY = 2.0  # cost (nats) per character of speech that a grammar's "[unk]" stands for
 EMPTY_PENALTY = 4.0  # cost (nats) of a grammar's empty result, relative to any other
-RESCORED_TEXTS = 16  # distinct final texts of a phone search that the character layer reranks
 
 
 class LanguageModelError(ValueError):
@@ -55,10 +54,11 @@ class DecoderSettings:
     empty_penalty: float = EMPTY_PENALTY  # grammars: nats charged for no word at all (CTC leans to blanks)
     char_weight: float = 0.0  # phones: weight of the character layer's CTC log-likelihood when reranking finals
     lstm_weight: float = 0.5  # weight of the LSTM LM's log-probability when rescoring finals (LM folders with one)
+    rescored_texts: int = 16  # distinct final texts that the character layer and the LSTM LM rerank
 
     def __post_init__(self) -> None:
-        if self.beam_size < 1 or self.beam_size_token < 1:
-            raise ValueError("beam sizes must be at least 1")
+        if self.beam_size < 1 or self.beam_size_token < 1 or self.rescored_texts < 1:
+            raise ValueError("beam sizes and rescored_texts must be at least 1")
         if self.beam_threshold <= 0:
             raise ValueError("beam_threshold must be positive")
         if not math.isfinite(self.lm_weight) or not math.isfinite(self.word_score):
@@ -277,7 +277,7 @@ class BeamSearchDecoder:
     language model, and ``lm`` and ``hotwords`` are then unused.
 
     A phone search can rerank its final hypotheses with the model's character layer: given ``char_vocabulary`` and,
-    at decode time, the character log-probs of the same frames, each of the best ``RESCORED_TEXTS`` texts gains
+    at decode time, the character log-probs of the same frames, each of the best ``settings.rescored_texts`` texts gains
     ``settings.char_weight`` x its CTC log-likelihood under the characters. Given a ``neural_lm`` (``asr.nnlm``),
     each also gains ``settings.lstm_weight`` x its log-probability under that LSTM LM. Partial results are not
     reranked: they stay on the search's fast path.
@@ -485,12 +485,12 @@ class BeamSearchDecoder:
         return self.neural_lm is not None and self.settings.lstm_weight > 0
 
     def _final_texts(self, results) -> dict[str, tuple[float, object]]:
-        """The ``RESCORED_TEXTS`` best distinct texts of a search: text -> (log-sum of its hypotheses' scores, the best)."""
+        """The ``settings.rescored_texts`` best distinct texts of a search: text -> (log-sum of its hypotheses' scores, the best)."""
         ranked = sorted(results, key=lambda r: -r.score)
         texts: dict[str, tuple[list[float], object]] = {}
         for result, hypothesis in zip(ranked, self._decoder._to_hypo(ranked)):
             text = " ".join(w for w in hypothesis.words if w != UNK_WORD)
-            if text not in texts and len(texts) == RESCORED_TEXTS:
+            if text not in texts and len(texts) == self.settings.rescored_texts:
                 continue
             texts.setdefault(text, ([], hypothesis))[0].append(result.score)
         return {text: (_logsumexp(scores), hypothesis) for text, (scores, hypothesis) in texts.items()}

@@ -183,6 +183,8 @@ def test_the_weight_and_switch_come_from_settings_and_a_missing_lstm_file_is_an_
     assert "it" in zero.transcribe(utterance(), SAMPLE_RATE).text.split()
     with pytest.raises(ValueError, match="lstm_weight"):
         DecoderSettings(lstm_weight=-1.0)
+    with pytest.raises(ValueError, match="rescored_texts"):
+        DecoderSettings(rescored_texts=0)
     (rescoring_lm / LSTM_FILE).unlink()
     with pytest.raises(LanguageModelError, match="missing"):
         asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="beam", lm=str(rescoring_lm)))

@@ -46,6 +46,12 @@ def find_kenlm_tool(name: str) -> str | None:
     return next((str(c) for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 
+def source_name(path: str | os.PathLike) -> str:
+    """How a text source is named in a model's description: its file name (a manifest's with its folder)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.name.endswith(".jsonl") else path.name
+
+
 MAX_LINE_WORDS = 20_000  # a longer line is not a sentence or paragraph: a text without line ends
 
 
@@ -118,7 +124,7 @@ def build_language_model(
             "order": order,
             "words": len(kept),
             "sentences": sentences,
-            "sources": [f"{Path(s).parent.name}/{Path(s).name}" if s.endswith(".jsonl") else Path(s).name for s in sources],
+            "sources": [source_name(s) for s in sources],
         }
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if phones:

@@ -24,7 +24,7 @@ import torch
 from asr.lm import CONFIG_FILE, LSTM_FILE
 from asr.nnlm import SENTENCE_END, UNKNOWN, LstmLanguageModel, NeuralLM, NeuralLMConfig, perplexity
 
-from .lm import LanguageModelBuildError, read_sentences
+from .lm import LanguageModelBuildError, read_sentences, source_name
 
 CORPUS_FILE, WORDS_FILE, HELD_OUT_FILE = "tokens.npy", "words.txt", "held-out.txt"
 META_FILE, CHECKPOINT_FILE = "corpus.json", "checkpoint.pt"
@@ -61,7 +61,7 @@ def prepare_corpus(sources: list[str], work: Path, max_words: int = 100_000, min
     sources = [str(s) for s in sources]
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta["sources"] != [Path(s).name for s in sources]:
+        if meta["sources"] != [source_name(s) for s in sources]:
             raise LanguageModelBuildError(f"{work} holds a corpus of other texts ({', '.join(meta['sources'])}); use another --work")
         return meta
     counts: collections.Counter[str] = collections.Counter()
@@ -85,7 +85,7 @@ def prepare_corpus(sources: list[str], work: Path, max_words: int = 100_000, min
     (work / WORDS_FILE).write_text("\n".join(words) + "\n", encoding="utf-8")
     (work / HELD_OUT_FILE).write_text("\n".join(held_out) + "\n", encoding="utf-8")
     unknown = float((tokens == 1).mean())
-    meta = {"sources": [Path(s).name for s in sources], "words": len(words), "tokens": len(tokens), "unknown_rate": unknown}
+    meta = {"sources": [source_name(s) for s in sources], "words": len(words), "tokens": len(tokens), "unknown_rate": unknown}
     meta["sentences"] = len(sentences) - len(held_out)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
