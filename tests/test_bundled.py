@@ -11,6 +11,8 @@ import pytest
 
 import asr
 from asr.checkpoint import load_model_file
+from asr.lm import LSTM_FILE
+from asr.nnlm import NeuralLM
 from asr.recognizer import BUNDLED_LM, BUNDLED_MODEL
 from tests.conftest import DATA
 
@@ -24,7 +26,10 @@ def greedy():
 
 def test_bundled_files_are_small_and_self_describing():
     assert BUNDLED_MODEL.stat().st_size < 40e6
-    assert sum(f.stat().st_size for f in BUNDLED_LM.iterdir()) < 60e6  # the 4-gram of 2026-12-06: 53.5 MB
+    ngram = [f for f in BUNDLED_LM.iterdir() if f.name != LSTM_FILE]
+    assert sum(f.stat().st_size for f in ngram) < 60e6  # the 4-gram of 2026-12-06: 53.5 MB
+    assert (BUNDLED_LM / LSTM_FILE).stat().st_size < 30e6  # the LSTM LM of 2026-12-07: 10.2 MB
+    assert NeuralLM.load(BUNDLED_LM / LSTM_FILE).info["tokens_seen"] > 1e7
     bundle = load_model_file(BUNDLED_MODEL)
     assert bundle.model.config.chunk_frames > 0 and bundle.metadata["train_hours"] > 10
     assert json.loads((BUNDLED_LM / "decoder.json").read_text())["lm"] == "lm.bin"
@@ -33,6 +38,7 @@ def test_bundled_files_are_small_and_self_describing():
 def test_default_recognizer_uses_beam_search_with_the_bundled_lm():
     recognizer = asr.load_model()
     assert recognizer.decoder_name == "beam" and recognizer.language_model is not None
+    assert recognizer.neural_lm is not None and recognizer.decoder_settings.lstm_weight > 0  # finals rescored by default
     result = recognizer.transcribe(DATA / "LJ002-0179.opus")
     assert jiwer.cer(REFERENCE, result.text) < 0.45, result.text  # 0.32 with the model of 2026-11-26, 0.01 with that of 2026-12-03
     assert all(0 <= w.start < w.end <= result.duration + 0.05 for w in result.words)
