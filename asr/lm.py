@@ -461,7 +461,7 @@ class BeamSearchDecoder:
         if not partial and (chars or self.rescores):
             texts = self._final_texts(results)
             likelihoods = self._char_likelihoods(texts, char_log_probs if chars else None)
-            lstm = self._lstm_scores(texts)
+            lstm = self._lstm_scores(texts) if self.rescores else None
             return self._reranked(texts, emissions, frame_shift, offset, alternatives, likelihoods, lstm, s.char_weight, s.lstm_weight)
         return self._plain(results, emissions, frame_shift, offset, alternatives, partial)
 

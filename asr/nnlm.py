@@ -48,6 +48,13 @@ class NeuralLMConfig:
         if int(self.embed_dim // self.div_value ** len(self.cutoffs)) < 1:
             raise ValueError(f"embed_dim {self.embed_dim} is too small for {len(self.cutoffs)} clusters narrowed by {self.div_value}")
 
+    def to_dict(self) -> dict:
+        return {**asdict(self), "cutoffs": list(self.cutoffs)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NeuralLMConfig:
+        return cls(**{**data, "cutoffs": tuple(data["cutoffs"])})
+
 
 class LstmLanguageModel(nn.Module):
     """tokens (batch, time) -> log P(next token) via ``forward`` (hidden states) and ``target_log_probs``.
@@ -165,9 +172,9 @@ class NeuralLM:
         """One file: config, words, float16 weights and ``info``; written beside ``path`` and moved into place."""
         path = Path(path)
         state = {k: v.half() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
-        config = {**asdict(self.model.config), "cutoffs": list(self.model.config.cutoffs)}
         partial = path.with_name(f".{path.name}.partial")
-        torch.save({"format": FORMAT, "config": config, "words": self.words, "state": state, "info": self.info}, partial)
+        data = {"format": FORMAT, "config": self.model.config.to_dict(), "words": self.words, "state": state, "info": self.info}
+        torch.save(data, partial)
         os.replace(partial, path)
 
     @classmethod
@@ -179,7 +186,7 @@ class NeuralLM:
             data = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(data, dict) or data.get("format") != FORMAT:
                 raise NeuralLMError(f"{path} is not an LSTM language model ({FORMAT})")
-            config = NeuralLMConfig(**{**data["config"], "cutoffs": tuple(data["config"]["cutoffs"])})
+            config = NeuralLMConfig.from_dict(data["config"])
             model = LstmLanguageModel(config)
             model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in data["state"].items()})
         except NeuralLMError:

@@ -115,9 +115,12 @@ class Recognizer:
         return None
 
     def _neural_lm(self, options: DecodeOptions) -> NeuralLM | None:
-        """The LM folder's LSTM LM, when it has one, beam search decodes with it, and ``options.lstm`` allows it."""
+        """The LM folder's LSTM LM, when it has one, beam search decodes with it, and ``options.lstm`` and a positive
+        ``lstm_weight`` ask for it."""
         lm = self.language_model
         if not options.lstm or self.decoder_name != "beam" or lm is None or lm.lstm_file is None:
+            return None
+        if self.decoder_settings.lstm_weight == 0:
             return None
         try:
             return NeuralLM.load(lm.lstm_file)

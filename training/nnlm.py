@@ -12,10 +12,9 @@ import collections
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +107,7 @@ class _Run:
         path = work / CHECKPOINT_FILE
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved["config"] != asdict(config) | {"cutoffs": list(config.cutoffs)}:
+            if saved["config"] != config.to_dict():
                 raise LanguageModelBuildError(f"{path} is a checkpoint of a model of another shape; use another --work")
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -117,8 +116,7 @@ class _Run:
 
     def save(self) -> None:
         path = self.work / CHECKPOINT_FILE
-        config = asdict(self.model.config) | {"cutoffs": list(self.model.config.cutoffs)}
-        state = {"config": config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        state = {"config": self.model.config.to_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         state |= {"step": self.step, "seconds": self.seconds, "tokens_seen": self.tokens_seen, "history": self.history}
         partial = path.with_name(path.name + ".partial")
         torch.save(state, partial)
@@ -142,7 +140,6 @@ def train_neural_lm(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
     words = (work / WORDS_FILE).read_text(encoding="utf-8").split("\n")[:-1]
     streams = _streams(np.load(work / CORPUS_FILE, mmap_mode="r"), settings.batch_size)
     held_out = [s for s in (work / HELD_OUT_FILE).read_text(encoding="utf-8").split("\n") if s][:HELD_OUT_SENTENCES]
