@@ -4,12 +4,15 @@
 >>> recognizer = asr.load_model()            # the bundled English model
 >>> result = recognizer.transcribe("talk.wav")
 >>> result.text, result.words[0].start
+>>> result.formatted_text                    # cased and punctuated
+>>> asr.punctuate("hello how are you")       # any text, one paragraph a line
 """
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
 from .checkpoint import CheckpointError
 from .decoding import Alternative, Transcript, Word
 from .grammar import GrammarError
+from .punctuation import Punctuator, PunctuatorError, punctuate
 from .recognizer import BUNDLED_MODEL, DecodeOptions, Recognizer, load_model
 
 __version__ = "0.1.0"
@@ -21,9 +24,12 @@ __all__ = [
     "CheckpointError",
     "DecodeOptions",
     "GrammarError",
+    "Punctuator",
+    "PunctuatorError",
     "Recognizer",
     "Transcript",
     "Word",
     "load_audio",
     "load_model",
+    "punctuate",
 ]

@@ -67,6 +67,8 @@ def add_model_options(p: argparse.ArgumentParser, several_models: bool = False) 
         help='comma-separated phrases the output is restricted to, "[unk]" for anything else (e.g. "yes,no,[unk]")',
     )
     d.add_argument("--grammar-file", help="file with one grammar phrase per line")
+    if not several_models:  # a server punctuates only for the connections that ask (asr serve --punctuate: all)
+        add_punctuation_options(p, default=True)
     d.add_argument(
         "--units",
         choices=UNIT_CHOICES,
@@ -74,6 +76,16 @@ def add_model_options(p: argparse.ArgumentParser, several_models: bool = False) 
         help="what beam search with an LM decodes: auto = phones when the model has a phone output layer and the LM a phone "
         "lexicon (`asr lm add-phones`), else characters",
     )
+
+
+def add_punctuation_options(p: argparse.ArgumentParser, default: bool) -> None:
+    """--no-punctuate (or --punctuate where it is off by default) and --punctuation-model."""
+    f = p.add_argument_group("capitals and punctuation")
+    if default:
+        f.add_argument("--no-punctuate", dest="punctuate", action="store_false", help="leave the words lower case without punctuation")
+    else:
+        f.add_argument("--punctuate", action="store_true", help="cased, punctuated finals for every connection (else only when asked)")
+    f.add_argument("--punctuation-model", help="punctuation model file (default: the bundled one; train with `asr train-punctuator`)")
 
 
 def _phrases(listed: str | None, file: str | None) -> list[str] | None:
@@ -119,6 +131,8 @@ def decode_options(args: argparse.Namespace):
         getattr(args, "alternatives", 0),
         getattr(args, "units", "auto"),
         lstm=getattr(args, "lstm", True),
+        punctuate=getattr(args, "punctuate", True),
+        punctuation_model=getattr(args, "punctuation_model", None),
     )
 
 
@@ -180,6 +194,12 @@ def run_transcribe(args: argparse.Namespace, transcribe=None) -> int:
         except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_USAGE
+        if recognizer.options.punctuate:
+            try:
+                recognizer.punctuator  # noqa: B018 - load it now: a missing or broken file fails here, not per input
+            except ValueError as error:
+                print(f"error: {error} (--no-punctuate leaves the words as recognised)", file=sys.stderr)
+                return EXIT_USAGE
         if args.alternatives > 1 and recognizer.decoder_name == "greedy" and recognizer.grammar is None:
             print("note: the greedy decoder gives one alternative; N-best needs beam search (--decoder beam)", file=sys.stderr)
         transcribe = recognizer.transcribe
@@ -305,6 +325,64 @@ def add_transcribe_parser(subparsers) -> None:
     p.set_defaults(handler=run_transcribe)
 
 
+PUNCTUATE_BATCH_WORDS = 50_000  # lines are punctuated (and written) in batches of about this many words
+
+
+def run_punctuate(args: argparse.Namespace) -> int:
+    """Text in, one paragraph a line; the same words out, cased and punctuated, one line for each line in."""
+    from .punctuation import load_punctuator
+
+    try:
+        punctuator = load_punctuator(args.punctuation_model)
+        source = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115 - closed below
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    name = "<stdin>" if args.file == "-" else args.file
+    number, batch, words = 0, [], 0
+    try:
+        with source:
+            for number, raw in enumerate(source, 1):
+                if b"\x00" in raw:
+                    raise ValueError(f"{name} is a binary file, not text (a NUL byte on line {number})")
+                line = raw.decode("utf-8").rstrip("\r\n")
+                batch.append(line)
+                words += line.count(" ") + 1
+                if words >= PUNCTUATE_BATCH_WORDS:
+                    _write_lines(punctuator.punctuate_lines(batch))
+                    batch, words = [], 0
+            _write_lines(punctuator.punctuate_lines(batch))
+    except UnicodeDecodeError as error:
+        message = f"{name} is not UTF-8 text (line {number}: {error.reason})"
+    except (ValueError, OSError) as error:
+        message = str(error)
+    else:
+        return 0
+    try:
+        _write_lines(punctuator.punctuate_lines(batch))  # the lines read before the error are not lost
+    except OSError:
+        pass  # the output itself failed (a closed pipe)
+    print(f"error: {message}; the lines before it were written", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _write_lines(lines: list[str]) -> None:
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
+
+
+def add_punctuate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "punctuate",
+        help="restore capitals and punctuation in lower-case text (one paragraph a line)",
+        description="Read text (what a recogniser writes: lower case, no punctuation; one paragraph a line) and write the "
+        "same words cased and punctuated, one line for each line read. Words are never added, dropped or changed.",
+    )
+    p.add_argument("file", nargs="?", default="-", metavar="FILE", help="text file, or - for standard input (the default)")
+    p.add_argument("--punctuation-model", help="punctuation model file (default: the bundled one)")
+    p.set_defaults(handler=run_punctuate)
+
+
 def run_bench_offline(args: argparse.Namespace) -> int:
     from .bench import offline_benchmark
 
@@ -337,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_transcribe_parser(subparsers)
+    add_punctuate_parser(subparsers)
     bench_commands = add_bench_parser(subparsers)
     for entry in sorted(entry_points(group="asr.commands"), key=lambda e: e.name):
         entry.load()(subparsers, bench_commands)

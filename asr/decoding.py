@@ -40,9 +40,12 @@ class Segment:
     text: str
     words: list[Word] = field(default_factory=list)
     alternatives: list[Alternative] = field(default_factory=list)
+    formatted_text: str | None = None  # cased and punctuated (``asr.punctuation``), when asked for
 
     def to_dict(self) -> dict:
         data = {"start": self.start, "end": self.end, "text": self.text}
+        if self.formatted_text is not None:
+            data["formatted_text"] = self.formatted_text
         if self.alternatives:
             data["alternatives"] = [{"text": a.text, "confidence": a.confidence} for a in self.alternatives]
         return data
@@ -55,9 +58,25 @@ class Transcript:
     duration: float = 0.0  # seconds of audio
     alternatives: list[Alternative] = field(default_factory=list)  # N-best, most likely first, when asked for
     segments: list[Segment] = field(default_factory=list)  # the stretches between pauses that were decoded one by one
+    formatted_words: list[str] | None = None  # each word cased and punctuated (``asr.punctuation``), when asked for
+
+    @property
+    def formatted_text(self) -> str | None:
+        """The transcript cased and punctuated, or None when it was not punctuated."""
+        return None if self.formatted_words is None else " ".join(self.formatted_words)
+
+    @property
+    def display_text(self) -> str:
+        """What a person reads: the formatted text when there is one, else the recogniser's words."""
+        return self.text if self.formatted_words is None else " ".join(self.formatted_words)
 
     def to_dict(self) -> dict:
+        """text, duration, words (text, start, end, confidence; and formatted), alternatives, segments; and formatted_text."""
         data = {"text": self.text, "duration": self.duration, "words": [asdict(w) for w in self.words]}
+        if self.formatted_words is not None:
+            data = {"text": self.text, "formatted_text": self.formatted_text, **data}
+            for entry, formatted in zip(data["words"], self.formatted_words):
+                entry["formatted"] = formatted
         if self.alternatives:
             data["alternatives"] = [a.to_dict() for a in self.alternatives]
         if self.segments:

@@ -20,6 +20,7 @@ from .features import LogMelExtractor, StreamingFeatures
 from .grammar import Grammar
 from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel, LanguageModelError
 from .nnlm import NeuralLM, NeuralLMError
+from .punctuation import Punctuator, load_punctuator
 from .segmenter import SegmentDecoder, SegmentOptions, join_segments
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
@@ -45,6 +46,8 @@ class DecodeOptions:
     units: str = "auto"
     segmentation: SegmentOptions = SegmentOptions()  # where recordings are cut into the segments decoded one by one
     lstm: bool = True  # rescore beam search's finals with the LM folder's LSTM LM, when it has one (False: off)
+    punctuate: bool = True  # transcribe() adds the words cased and punctuated (Transcript.formatted_words)
+    punctuation_model: str | None = None  # the punctuation model file; None = the bundled one
 
     def __post_init__(self) -> None:
         for name in ("chunk_frames", "lookahead_frames"):
@@ -103,6 +106,13 @@ class Recognizer:
             self.stream_decoder(grammar=self.grammar)
         elif self.decoder_name == "beam":
             self.stream_decoder(options.hotwords)  # load now so that a bad LM fails here, not mid-batch
+
+    @property
+    def punctuator(self) -> Punctuator:
+        """The punctuation model (``options.punctuation_model``, else the bundled one), loaded on first use.
+
+        Raises ``PunctuatorError`` when its file is missing or not a punctuation model."""
+        return load_punctuator(self.options.punctuation_model)
 
     def _language_model(self, options: DecodeOptions) -> LanguageModel | None:
         if options.lm == "none":
@@ -264,6 +274,7 @@ class Recognizer:
         grammar: GrammarLike | None = None,
         alternatives: int | None = None,
         progress: Callable[[float], None] | None = None,
+        punctuate: bool | None = None,
     ) -> Transcript:
         """Transcribe a path, encoded bytes, or an array (samples,)/(samples, channels) at ``sample_rate``.
 
@@ -273,11 +284,14 @@ class Recognizer:
         ``grammar``: phrases (and optionally "[unk]") that the output is restricted to (default: the recogniser's own).
         ``alternatives``: N-best entries wanted in ``Transcript.alternatives`` (default: the recogniser's own, 0).
         ``progress``: called with the seconds of audio done so far, after each block.
+        ``punctuate``: also give the words cased and punctuated (``Transcript.formatted_words``; ``text`` stays as
+        recognised). Default: the recogniser's own (on).
         """
         if hotwords is not None and grammar is not None:
             raise ValueError("give a grammar or hotwords, not both")
         grammar = self.resolve_grammar(grammar)  # errors before the audio is read
         alternatives = check_alternatives(self.options.alternatives if alternatives is None else alternatives)
+        punctuator = self.punctuator if (self.options.punctuate if punctuate is None else punctuate) else None
         if isinstance(audio, np.ndarray | torch.Tensor):
             signal = prepare_array(np.asarray(audio), sample_rate)
             step = READ_BLOCK_SECONDS * SAMPLE_RATE
@@ -285,7 +299,8 @@ class Recognizer:
         else:
             blocks = iter_audio(audio)
         segments, seconds = self._decode_segments(blocks, hotwords, grammar, alternatives, progress)
-        return join_segments(segments, round(seconds, 3), alternatives)
+        transcript = join_segments(segments, round(seconds, 3), alternatives)
+        return transcript if punctuator is None else punctuator.punctuate_transcript(transcript)
 
     @torch.inference_mode()
     def _decode_segments(

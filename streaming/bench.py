@@ -90,7 +90,7 @@ def stream_benchmark(
             word_latency += words
             final_latency += finals
             streamed.append(" ".join(e.text for _, e in run["timeline"] if isinstance(e, Final)) or "<empty>")
-            offline.append(recognizer.transcribe(audio, SAMPLE_RATE).text or "<empty>")  # decoded by segments, as streamed
+            offline.append(recognizer.transcribe(audio, SAMPLE_RATE, punctuate=False).text or "<empty>")  # decoded by segments, as streamed
             refs.append(text)
         name = f"{Path(manifest).parent.name}/{Path(manifest).stem}"
         result = {
@@ -281,7 +281,7 @@ def lockstep_benchmark(recognizer: Recognizer, paths: list[str], log=print) -> d
             pcm = np.clip(np.round(load_audio(path) * 32768), -32768, 32767).astype(np.int16)
             audio = pcm / np.float32(32768)  # what the server makes of the PCM
             began = time.perf_counter()
-            offline = recognizer.transcribe(audio, SAMPLE_RATE)
+            offline = recognizer.transcribe(audio, SAMPLE_RATE, punctuate=False)
             offline_seconds = time.perf_counter() - began
             began = time.perf_counter()
             replies = asyncio.run(_lockstep_client(url, pcm))

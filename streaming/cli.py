@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from asr.cli import add_model_options, grammar_phrases, load_recognizer
+from asr.cli import add_model_options, add_punctuation_options, grammar_phrases, load_recognizer
 
 
 def run_mic(args: argparse.Namespace) -> int:
@@ -32,7 +32,8 @@ def run_mic(args: argparse.Namespace) -> int:
         if args.server:
             return _mic_through_server(args, device, rate)
         recognizer = load_recognizer(args)
-        stream = RecognitionStream(recognizer, rate, StreamOptions(endpoint_silence=args.endpoint_silence, max_segment=args.max_segment))
+        options = StreamOptions(endpoint_silence=args.endpoint_silence, max_segment=args.max_segment)
+        stream = RecognitionStream(recognizer, rate, options, punctuate=args.punctuate)
     except (MicrophoneError, CheckpointError, LanguageModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -45,7 +46,7 @@ def run_mic(args: argparse.Namespace) -> int:
             elif isinstance(event, Partial):
                 display.partial(event.text)
             elif isinstance(event, Final):
-                display.final(event.text, event.start, event.end)
+                display.final(event.display_text, event.start, event.end)
 
     print(f"listening on device {device} at {rate} Hz (Ctrl+C to stop)", file=sys.stderr)
     try:
@@ -98,7 +99,10 @@ def _mic_through_server(args: argparse.Namespace, device: int | None, rate: int)
     print(f"streaming device {device} at {rate} Hz to {args.server} (Ctrl+C to stop)", file=sys.stderr)
     try:
         hotwords = [h.strip() for h in args.hotwords.split(",") if h.strip()] or None
-        asyncio.run(stream_blocks(args.server, blocks(), rate, show, args.token, phrase_list=grammar_phrases(args), hotwords=hotwords))
+        phrases = grammar_phrases(args)
+        asyncio.run(
+            stream_blocks(args.server, blocks(), rate, show, args.token, phrase_list=phrases, hotwords=hotwords, punctuate=args.punctuate)
+        )
     except (MicrophoneError, OSError, InvalidStatus, InvalidURI) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -176,6 +180,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_session_seconds=args.max_session_seconds,
             sample_rate=args.sample_rate,
             token=args.token or None,
+            punctuate=args.punctuate,
         )
         context = None
         if args.certfile:
@@ -235,6 +240,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--endpoint-silence", type=float, default=0.6)
     add_model_options(p, several_models=True)
+    add_punctuation_options(p, default=False)
     p.set_defaults(handler=run_serve)
 
 
@@ -270,9 +276,20 @@ def extend_transcribe(subparsers) -> None:
             print(f"error: {error}", file=sys.stderr)
             return 2
 
+        punctuator = None
+        if args.punctuate:  # here, over the whole transcript (a vosk-server cannot, and finals one by one lose context)
+            from asr.punctuation import load_punctuator
+
+            try:
+                punctuator = load_punctuator(args.punctuation_model)
+            except ValueError as error:
+                print(f"error: {error} (--no-punctuate leaves the words as recognised)", file=sys.stderr)
+                return 2
+
         def remote(source):
             finals = asyncio.run(transcribe_with_server(args.server, source, args.token, grammar, hotwords=hotwords))
-            return _transcript_from_finals(finals)
+            transcript = _transcript_from_finals(finals)
+            return transcript if punctuator is None else punctuator.punctuate_transcript(transcript)
 
         return local(args, remote)
 

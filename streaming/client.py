@@ -28,9 +28,10 @@ class RecognitionClient:
         token: str | None = None,
         ssl=None,
         hotwords: list[str] | None = None,
+        punctuate: bool | None = None,
     ) -> None:
         self.url, self.sample_rate, self.words, self.phrase_list, self.token, self.ssl = url, sample_rate, words, phrase_list, token, ssl
-        self.hotwords = hotwords
+        self.hotwords, self.punctuate = hotwords, punctuate
         self._connection: ClientConnection | None = None
 
     async def __aenter__(self) -> RecognitionClient:
@@ -41,6 +42,8 @@ class RecognitionClient:
             config["phrase_list"] = self.phrase_list
         if self.hotwords:
             config["hotwords"] = self.hotwords
+        if self.punctuate is not None:
+            config["punctuate"] = self.punctuate
         await self._connection.send(json.dumps({"config": config}))
         return self
 
@@ -104,9 +107,11 @@ async def stream_blocks(
     ssl=None,
     phrase_list: list[str] | None = None,
     hotwords: list[str] | None = None,
+    punctuate: bool | None = None,
 ) -> None:
-    """Send audio blocks (e.g. from a microphone) and hand every reply to ``on_event``."""
-    async with RecognitionClient(url, sample_rate, True, phrase_list, token, ssl, hotwords) as client:
+    """Send audio blocks (e.g. from a microphone) and hand every reply to ``on_event``; ``punctuate``: ask for cased,
+    punctuated finals (None: the server's default)."""
+    async with RecognitionClient(url, sample_rate, True, phrase_list, token, ssl, hotwords, punctuate) as client:
 
         async def receive() -> None:
             async for event in client.events():

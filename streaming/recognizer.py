@@ -57,20 +57,30 @@ class Final:
     end: float
     words: list[Word] = field(default_factory=list)
     alternatives: list[Alternative] = field(default_factory=list)  # N-best, when the stream asked for them
+    formatted_text: str | None = None  # cased and punctuated, when the stream asked for it
 
     @classmethod
     def of(cls, segment: Segment) -> Final:
         return cls(segment.text, segment.index, segment.start, segment.end, segment.words, segment.alternatives)
 
+    @property
+    def display_text(self) -> str:
+        """What a person reads: the formatted text when there is one, else the recognised words."""
+        return self.text if self.formatted_text is None else self.formatted_text
+
     def to_dict(self) -> dict:
+        """The final as the server sends it: ``text`` is the formatted text when there is one (``raw_text`` then holds
+        the words as recognised); ``result`` lists the recognised words with their times."""
         data = {
             "type": "final",
-            "text": self.text,
+            "text": self.display_text,
             "segment": self.segment,
             "start": self.start,
             "end": self.end,
             "result": [{"word": w.text, "start": w.start, "end": w.end, "conf": w.confidence} for w in self.words],
         }
+        if self.formatted_text is not None:
+            data["raw_text"] = self.text
         if self.alternatives:
             data["alternatives"] = [a.to_dict() for a in self.alternatives]
         return data
@@ -84,6 +94,7 @@ class RecognitionStream:
 
     ``hotwords``, ``grammar`` and ``alternatives`` (N-best entries in each final) default to the recogniser's own.
     ``lstm=False``: finals are not rescored with the recogniser's LSTM LM (when it has one).
+    ``punctuate=True``: finals also carry their words cased and punctuated (``Final.formatted_text``); partials stay raw.
     With a grammar, partials show the words finished so far (a prefix of the grammar's phrases) and commit none.
     """
 
@@ -96,8 +107,10 @@ class RecognitionStream:
         grammar: GrammarLike | None = None,
         alternatives: int | None = None,
         lstm: bool = True,
+        punctuate: bool = False,
     ) -> None:
         self.recognizer = recognizer
+        self._punctuator = recognizer.punctuator if punctuate else None
         self.options = options
         self.sample_rate = sample_rate
         self._resampler = StreamResampler(sample_rate)
@@ -161,7 +174,7 @@ class RecognitionStream:
         return self._events(self._decoder.add(log_probs), partial=self.options.partials)
 
     def _events(self, segments: list[Segment], partial: bool) -> list[Event]:
-        events: list[Event] = [Final.of(s) for s in segments]
+        events: list[Event] = [self._final(s) for s in segments]
         if self._partial_start != self._decoder.segment_start:  # a segment ended (with words or not)
             self._last_partial, self._committed, self._partial_start = "", [], self._decoder.segment_start
         if partial and self._decoder.has_speech:
@@ -170,6 +183,12 @@ class RecognitionStream:
                 self._last_partial = current.text
                 events.append(current)
         return events
+
+    def _final(self, segment: Segment) -> Final:
+        final = Final.of(segment)
+        if self._punctuator is not None and segment.words:
+            final.formatted_text = " ".join(self._punctuator.format_words([w.text for w in segment.words]))
+        return final
 
     def _partial(self) -> Partial:
         """The current hypothesis, keeping words already committed: a word is committed once another word

@@ -40,7 +40,7 @@ from .recognizer import Final, Partial, RecognitionStream, StreamOptions
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # the browser client served at /
-CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "grammar", "hotwords", "model", "lstm"}
+CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "grammar", "hotwords", "model", "lstm", "punctuate"}
 DEFAULT_MODEL = "default"  # the name of the first model a server serves
 MAX_BACKLOG_SECONDS = 10.0  # audio a connection may send ahead of recognition before its replies wait for it
 MAX_PHRASES = 1000  # entries of a connection's grammar or hotword list
@@ -59,6 +59,7 @@ class ServerOptions:
     max_session_seconds: float = 4 * 3600.0  # seconds of audio per connection
     sample_rate: int = 16000  # assumed until a client's config says otherwise
     token: str | None = None  # shared secret required in the Authorization header or ?token=
+    punctuate: bool = False  # cased, punctuated finals for every connection (else only for those whose config asks)
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_message_bytes < 1024 or self.idle_timeout <= 0 or self.max_session_seconds <= 0:
@@ -102,6 +103,7 @@ def merge_finals(finals: list[Final]) -> Final:
     if len(finals) == 1:
         return finals[0]
     count = max(len(f.alternatives) for f in finals)
+    formatted = [f.display_text for f in finals if f.text] if any(f.formatted_text is not None for f in finals) else None
     return Final(
         " ".join(f.text for f in finals),
         finals[0].segment,
@@ -109,6 +111,7 @@ def merge_finals(finals: list[Final]) -> Final:
         finals[-1].end,
         [w for f in finals for w in f.words],
         combine_alternatives([f.alternatives for f in finals], count) if count else [],
+        None if formatted is None else " ".join(formatted),
     )
 
 
@@ -137,6 +140,7 @@ class Session:
         self.grammar: Grammar | None = None  # None: the server's own (usually none)
         self.alternatives = 0
         self.lstm = True  # finals rescored with the model's LSTM LM when the server loaded one
+        self.punctuate = server.options.punctuate  # finals cased and punctuated (asr serve --punctuate: for every connection)
         self.model = DEFAULT_MODEL
         self.stream: RecognitionStream | None = None
         self.pending: list[Final] = []  # finals recognised since the last reply
@@ -177,7 +181,12 @@ class Session:
         lstm = config.get("lstm", self.lstm)
         if not isinstance(lstm, bool):
             raise ProtocolError(f"lstm must be true or false (rescoring finals with the LSTM LM), got {str(lstm)[:100]!r}")
-        self.lstm = lstm
+        punctuate = config.get("punctuate", self.punctuate)
+        if not isinstance(punctuate, bool):
+            raise ProtocolError(f"punctuate must be true or false (cased, punctuated finals), got {str(punctuate)[:100]!r}")
+        if punctuate and self.server.punctuator_error is not None:
+            raise ProtocolError(f"this server cannot punctuate: {self.server.punctuator_error}")
+        self.lstm, self.punctuate = lstm, punctuate
         self.sample_rate, self.alternatives, self.grammar, self.hotwords = int(rate), alternatives, grammar, hotwords
         self.words = bool(config.get("words", self.words))
         self.model = model
@@ -202,6 +211,7 @@ class Session:
             grammar=self.grammar,
             alternatives=self.alternatives,
             lstm=self.lstm,
+            punctuate=self.punctuate,
         )
 
     def collect(self, events: list[Partial | Final]) -> None:
@@ -336,9 +346,23 @@ class RecognitionServer:
         self.recognizers = {DEFAULT_MODEL: recognizer, **(more or {})}
         self.options = options or ServerOptions()
         self.stream_options = stream_options or StreamOptions()
+        self.punctuator_error = self._load_punctuators()
         self.worker = InferenceWorker()
         self._sessions: dict[ServerConnection, Session] = {}
         self._stopping = False
+
+    def _load_punctuators(self) -> str | None:
+        """Load the models' punctuation model now (not in the event loop); why it cannot be loaded, or None.
+
+        With ``options.punctuate`` (every connection punctuates) a missing or broken punctuation model is an error."""
+        try:
+            for recognizer in self.recognizers.values():
+                recognizer.punctuator  # noqa: B018 - loaded and cached
+        except ValueError as error:
+            if self.options.punctuate:
+                raise
+            return str(error)
+        return None
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path)

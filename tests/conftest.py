@@ -80,6 +80,27 @@ def tiny_model() -> Path:
     return TINY_MODEL_FILE
 
 
+def _tiny_punctuator_config():
+    from asr.punctuation import PunctuatorConfig
+
+    return PunctuatorConfig(vocabulary_size=50, ngram_buckets=64, word_dim=8, ngram_dim=8, hidden=8, layers=1)
+
+
+TINY_PUNCTUATOR = _tiny_punctuator_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_punctuator(tmp_path_factory) -> Path:
+    """An untrained tiny punctuation model: its predictions are arbitrary, the rules around them are not (the first
+    word capitalised, a paragraph ending in . ? or !, words never changed)."""
+    from asr.punctuation import PunctuationModel, Punctuator
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("punctuator") / "tiny.pt"
+    Punctuator(PunctuationModel(TINY_PUNCTUATOR), ["<other>", "the", "and"], {"mcdonald": "McDonald"}, {"made": "in a test"}).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, overfit_manifest) -> Path:
     """The output folder of a tiny model trained on the two clips in this session, scored on them each epoch

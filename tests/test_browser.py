@@ -12,6 +12,7 @@ import soundfile as sf
 from websockets.sync.client import connect
 
 import asr
+from asr.text import normalize_text
 from tests.conftest import CLIPS
 from tests.test_server import RunningServer
 from tests.test_streaming import conversation, silence
@@ -29,10 +30,11 @@ def evaluate(page_ws, expression: str):
             return reply["result"]["result"].get("value")
 
 
-def test_browser_microphone_to_transcript(tmp_path, tiny_model):
+def test_browser_microphone_to_transcript(tmp_path, tiny_model, tiny_punctuator):
     wav = tmp_path / "mic.wav"
     sf.write(wav, np.concatenate([silence(1.0), conversation(), silence(2.5)]), 16000, subtype="PCM_16")
-    running = RunningServer(asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="greedy")))
+    options = asr.DecodeOptions(decoder="greedy", punctuation_model=str(tiny_punctuator))
+    running = RunningServer(asr.load_model(tiny_model, "cpu", options))
     profile = tmp_path / "profile"
     page_url = running.url.replace("ws://", "http://") + "/?autostart=1"
     with urllib.request.urlopen(page_url) as response:
@@ -87,5 +89,6 @@ def test_browser_microphone_to_transcript(tmp_path, tiny_model):
     import jiwer
 
     # (finals of segments that end between two of the page's messages come merged: compare the words)
-    heard = " ".join(" ".join(finals).split()[:WORDS])
+    heard = " ".join(normalize_text(" ".join(finals)).split()[:WORDS])
     assert finals and jiwer.cer(" ".join(CLIPS.values()), heard) < 0.15, (finals, status)
+    assert all(final[0].isupper() and final[-1] in ".?!" for final in finals), finals  # the page asks for punctuated finals

@@ -19,12 +19,22 @@ def times(text: str) -> list[float]:
     return out
 
 
+def transcribe_all_formats(folder, tiny_model, *options: str):
+    result = asr(
+        "transcribe", *(str(DATA / n) for n in CLIPS), "--model", str(tiny_model), "-f", "txt,json,srt,vtt,tsv", "-o", str(folder), *options
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, tiny_model):
-    out = tmp_path_factory.mktemp("out")
-    result = asr("transcribe", *(str(DATA / n) for n in CLIPS), "--model", str(tiny_model), "-f", "txt,json,srt,vtt,tsv", "-o", str(out))
-    assert result.returncode == 0, result.stderr.decode()
-    return out
+    return transcribe_all_formats(tmp_path_factory.mktemp("out"), tiny_model, "--no-punctuate")
+
+
+@pytest.fixture(scope="module")
+def punctuated(tmp_path_factory, tiny_model, tiny_punctuator):
+    return transcribe_all_formats(tmp_path_factory.mktemp("out"), tiny_model, "--punctuation-model", str(tiny_punctuator))
 
 
 def test_every_output_format_parses(outputs):
@@ -33,7 +43,7 @@ def test_every_output_format_parses(outputs):
         assert (outputs / f"{stem}.txt").read_text() == text + "\n"
         data = json.loads((outputs / f"{stem}.json").read_text())
         assert data["text"] == text and [w["text"] for w in data["words"]] == text.split()
-        assert all(set(w) == {"text", "start", "end", "confidence"} for w in data["words"])
+        assert all(set(w) == {"text", "start", "end", "confidence"} for w in data["words"]) and "formatted_text" not in data
         for fmt in ("srt", "vtt"):
             content = (outputs / f"{stem}.{fmt}").read_text()
             stamps = times(content)
@@ -46,6 +56,29 @@ def test_every_output_format_parses(outputs):
         assert rows[0] == "start\tend\tconfidence\tword"
         starts = [float(r.split("\t")[0]) for r in rows[1:]]
         assert starts == sorted(starts) and [r.split("\t")[3] for r in rows[1:]] == text.split()
+
+
+def test_every_output_format_is_punctuated_by_default(punctuated, outputs):
+    from asr.text import normalize_text
+
+    for name, text in CLIPS.items():
+        stem = name.removesuffix(".opus")
+        formatted = (punctuated / f"{stem}.txt").read_text().strip()
+        assert normalize_text(formatted) == text and formatted[0].isupper() and formatted[-1] in ".?!"
+        data = json.loads((punctuated / f"{stem}.json").read_text())
+        assert data["text"] == text and data["formatted_text"] == formatted
+        assert [w["text"] for w in data["words"]] == text.split() and " ".join(w["formatted"] for w in data["words"]) == formatted
+        assert data["words"] == [
+            w | {"formatted": f} for w, f in zip(json.loads((outputs / f"{stem}.json").read_text())["words"], formatted.split())
+        ]
+        for fmt in ("srt", "vtt"):
+            assert formatted in (punctuated / f"{stem}.{fmt}").read_text()
+        rows = [r.split("\t") for r in (punctuated / f"{stem}.tsv").read_text().splitlines()]
+        assert (
+            rows[0][3:] == ["word", "formatted"]
+            and [r[3] for r in rows[1:]] == text.split()
+            and [r[4] for r in rows[1:]] == formatted.split()
+        )
 
 
 def test_folder_recursion_and_stdin(tmp_path, tiny_model):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from asr.text import normalize_text
 from tests.conftest import CLIPS
 from tests.test_streaming import conversation, silence
 
@@ -51,7 +52,7 @@ def test_lists_and_selects_devices(alsa_home, tiny_model):
     assert missing.returncode == 2 and "no input device 'no-such-device'" in missing.stderr and "testmic" in missing.stderr
 
 
-def test_transcribes_the_microphone(alsa_home, tiny_model):
+def test_transcribes_the_microphone(alsa_home, tiny_model, tiny_punctuator):
     result = mic(
         alsa_home,
         "--input-device",
@@ -65,19 +66,23 @@ def test_transcribes_the_microphone(alsa_home, tiny_model):
         str(tiny_model),
         "--decoder",
         "greedy",
+        "--punctuation-model",
+        str(tiny_punctuator),
     )
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    finals = [e["text"] for e in events if e["type"] == "final"]
-    assert finals[:2] == list(CLIPS.values())
+    finals = [e for e in events if e["type"] == "final"]
+    assert [f["raw_text"] for f in finals[:2]] == list(CLIPS.values())
+    assert all(normalize_text(f["text"]) == f["raw_text"] and f["text"][0].isupper() and f["text"][-1] in ".?!" for f in finals)
     assert any(e["type"] == "partial" for e in events)
 
 
-def test_microphone_through_the_server(alsa_home, tiny_model):
+def test_microphone_through_the_server(alsa_home, tiny_model, tiny_punctuator):
     import asr
     from tests.test_server import RunningServer
 
-    running = RunningServer(asr.load_model(tiny_model, "cpu", asr.DecodeOptions(decoder="greedy")))
+    options = asr.DecodeOptions(decoder="greedy", punctuation_model=str(tiny_punctuator))
+    running = RunningServer(asr.load_model(tiny_model, "cpu", options))
     try:
         result = mic(
             alsa_home, "--input-device", "testmic", "--sample-rate", "16000", "--max-seconds", "6", "--json", "--server", running.url
@@ -86,8 +91,9 @@ def test_microphone_through_the_server(alsa_home, tiny_model):
         running.stop()
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    finals = [e["text"] for e in events if e.get("text")]
+    finals = [e["raw_text"] for e in events if e.get("text")]  # `asr mic` asks the server for punctuated finals
     # the server replies to each message from what it has recognised so far: finals of segments that end between two
     # messages come merged, so compare the words
     assert " ".join(finals).startswith(" ".join(CLIPS.values())), finals
+    assert all(e["text"][0].isupper() for e in events if e.get("text"))
     assert any("partial" in e for e in events)

@@ -212,16 +212,30 @@ def test_shutdown_sends_final_results(recognizer):
     assert code == 1001
 
 
-def test_transcribe_command_through_the_server(server, tmp_path):
+def test_transcribe_command_through_the_server(server, tmp_path, tiny_punctuator):
     import subprocess
     import sys
 
     import soundfile as sf
 
+    from asr.punctuation import word_key
+
     path = tmp_path / "conversation.wav"
     sf.write(path, conversation(), 16000)
     result = subprocess.run(
-        [sys.executable, "-m", "asr", "transcribe", str(path), "--server", server.url, "-f", "json"],
+        [
+            sys.executable,
+            "-m",
+            "asr",
+            "transcribe",
+            str(path),
+            "--server",
+            server.url,
+            "-f",
+            "json",
+            "--punctuation-model",
+            str(tiny_punctuator),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -230,6 +244,8 @@ def test_transcribe_command_through_the_server(server, tmp_path):
     data = json.loads(result.stdout)
     assert data["text"] == " ".join(CLIPS.values())
     assert [w["text"] for w in data["words"]] == data["text"].split()
+    assert [word_key(w["formatted"]) for w in data["words"]] == data["text"].split()  # punctuated here, as one transcript
+    assert data["formatted_text"][0].isupper() and data["formatted_text"][-1] in ".?!"
     refused = subprocess.run(
         [sys.executable, "-m", "asr", "transcribe", str(path), "--server", "ws://127.0.0.1:9"], capture_output=True, text=True, timeout=120
     )

@@ -37,7 +37,7 @@ def _ours(model: str | None, lm: str | None, decoder: str, streaming: bool) -> C
     def make() -> Transcriber:
         recognizer = load_model(model, "cpu", DecodeOptions(decoder=decoder, lm=lm))
         if not streaming:
-            return lambda audio: recognizer.transcribe(audio, SAMPLE_RATE).text
+            return lambda audio: recognizer.transcribe(audio, SAMPLE_RATE, punctuate=False).text
         from streaming.recognizer import Final, RecognitionStream
 
         def transcribe(audio: np.ndarray) -> str:

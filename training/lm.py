@@ -60,6 +60,21 @@ def read_sentences(path: str | os.PathLike) -> Iterator[str]:
 
     A binary file, unreadable JSON, or a line of more than ``MAX_LINE_WORDS`` words raises ``LanguageModelBuildError``.
     """
+    for number, line in enumerate(read_lines(path), 1):
+        sentence = normalize_text(line)
+        if sentence.count(" ") >= MAX_LINE_WORDS:
+            raise LanguageModelBuildError(
+                f"line {number} of {path} holds more than {MAX_LINE_WORDS} words: the text needs one sentence or paragraph a line"
+            )
+        if sentence:
+            yield sentence
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines (as written) of a text file (.txt, .gz, .xz), or the ``text`` fields of a JSONL manifest; blank ones skipped.
+
+    A missing or binary file or unreadable JSON raises ``LanguageModelBuildError``.
+    """
     path = Path(path)
     if not path.is_file():
         raise LanguageModelBuildError(f"text file not found: {path}")
@@ -67,23 +82,14 @@ def read_sentences(path: str | os.PathLike) -> Iterator[str]:
     try:
         with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
             for number, line in enumerate(handle, 1):
-                yield from _sentence(path, number, line)
+                if "\x00" in line:
+                    raise LanguageModelBuildError(f"{path} is a binary file, not text (a NUL byte on line {number})")
+                if path.name.endswith(".jsonl"):
+                    line = json.loads(line).get("text", "") if line.strip() else ""
+                if line.strip():
+                    yield line.strip()
     except (OSError, EOFError, lzma.LZMAError, json.JSONDecodeError, UnicodeError) as error:
         raise LanguageModelBuildError(f"cannot read {path}: {error}") from error
-
-
-def _sentence(path: Path, number: int, line: str) -> Iterator[str]:
-    if "\x00" in line:
-        raise LanguageModelBuildError(f"{path} is a binary file, not text (a NUL byte on line {number})")
-    if path.name.endswith(".jsonl"):
-        line = json.loads(line).get("text", "") if line.strip() else ""
-    sentence = normalize_text(line)
-    if sentence.count(" ") >= MAX_LINE_WORDS:
-        raise LanguageModelBuildError(
-            f"line {number} of {path} holds more than {MAX_LINE_WORDS} words: the text needs one sentence or paragraph a line"
-        )
-    if sentence:
-        yield sentence
 
 
 def build_language_model(

@@ -90,10 +90,10 @@ def prepare_corpus(sources: list[str], work: Path, max_words: int = 100_000, min
     return meta
 
 
-def _learning_rate(settings: NeuralLMTraining, step: int, progress: float) -> float:
-    """Linear warm-up, then a cosine decay to a tenth over the time budget (``progress`` in [0, 1])."""
-    warm = min(1.0, (step + 1) / settings.warmup_steps)
-    return settings.learning_rate * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+def time_budget_learning_rate(peak: float, warmup_steps: int, step: int, progress: float) -> float:
+    """Linear warm-up over ``warmup_steps``, then a cosine decay to a tenth of ``peak`` over the time budget (``progress`` in [0, 1])."""
+    warm = min(1.0, (step + 1) / warmup_steps)
+    return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 class _Run:
@@ -154,7 +154,7 @@ def train_neural_lm(
         inputs = streams[:, position : position + settings.bptt]
         targets = streams[:, position + 1 : position + settings.bptt + 1]
         for group in run.optimizer.param_groups:
-            group["lr"] = _learning_rate(settings, run.step, run.seconds / budget)
+            group["lr"] = time_budget_learning_rate(settings.learning_rate, settings.warmup_steps, run.step, run.seconds / budget)
         run.model.train()
         outputs, state = run.model(inputs, state)
         state = tuple(s.detach() for s in state)
