@@ -18,6 +18,9 @@ FFMPEG_ONLY_SUFFIXES = {".m4a", ".aac", ".mp4", ".webm", ".wma"}  # libsndfile c
 AudioSource = str | os.PathLike | bytes
 
 
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".au", ".webm"}  # what folders are searched for
+
+
 class AudioError(ValueError):
     """Raised when audio cannot be read or is unusable (empty, truncated, bad rate)."""
 

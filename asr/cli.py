@@ -11,13 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .audio import AudioError
+from .audio import AUDIO_SUFFIXES, AudioError
 from .checkpoint import CheckpointError
 from .formats import FORMATS, format_transcript
 from .lm import LanguageModelError
 from .recognizer import DECODERS, UNIT_CHOICES
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif", ".au", ".webm"}
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 

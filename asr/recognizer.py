@@ -119,7 +119,9 @@ class Recognizer:
             return None
         if options.lm:
             return LanguageModel.load(options.lm)
-        bundled = Path(self.bundle.metadata.get("source_path", "")) == BUNDLED_MODEL.resolve()
+        # the bundled model, or one adapted from it (`asr adapt`), decodes with the bundled LM
+        adapted_from_bundled = bool(self.bundle.metadata.get("adapted_from", {}).get("bundled"))
+        bundled = adapted_from_bundled or Path(self.bundle.metadata.get("source_path", "")) == BUNDLED_MODEL.resolve()
         if options.decoder != "greedy" and bundled and (BUNDLED_LM / "decoder.json").is_file():
             return LanguageModel.load(BUNDLED_LM)
         return None

@@ -335,32 +335,73 @@ def _run_precision(
     return precision
 
 
-def train(config: TrainConfig, log=print) -> Path:
-    """Train (or resume) a model; returns the path of the final model file."""
-    rank, local_rank, world_size = _distributed()
-    device = _device(config.device, local_rank)
-    main_process = rank == 0
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+class CTCStep:
+    """One optimiser step of CTC training on a batch: augmentation, forward, loss, backward, clipping, update.
 
-    init, init_digest = None, ""
-    if config.init_model:
-        init_path = resolve_init_model(config.init_model)
-        init = load_model_file(init_path)
-        init_digest = file_sha256(init_path)[:16]
-        init_model_config(init.model.config, **asdict(config.model))  # raises for a different shape
-    feature_config = init.feature_config if init is not None else FeatureConfig()
-    vocabulary = init.vocabulary if init is not None else Vocabulary()
-    if config.model.vocab_size != len(vocabulary):
-        raise ValueError(f"model vocab_size must be {len(vocabulary)}")
-    phones = None
-    if config.model.phone_vocab_size:
-        units = init.phone_vocabulary if init is not None and init.phone_vocabulary is not None else phone_vocabulary()
-        if config.model.phone_vocab_size != len(units):
-            raise ValueError(f"model phone_vocab_size must be {len(units)}")
-        phones = (Pronouncer(), units)
-    # Rank 0 extracts features first; the others then read its cache.
+    Training and speaker adaptation share it. ``extra_loss(log_probs, out_lengths, batch)`` (log_probs (time, batch,
+    vocab) float32) adds a term to the summed CTC loss, e.g. a penalty for drifting from another model's outputs.
+    """
+
+    def __init__(
+        self,
+        model: CTCModel,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        precision: Precision,
+        vocabulary_size: int,
+        clip_grad_norm: float,
+        head: str = "chars",
+        phone_loss_weight: float = 1.0,
+        forward_model: torch.nn.Module | None = None,  # the DistributedDataParallel wrapper, when there is one
+        augment: SpecAugment | None = None,
+        perturb: FeatureAugment | None = None,
+        extra_loss: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.precision = model, optimizer, scheduler, precision
+        self.vocabulary_size, self.clip_grad_norm, self.head, self.phone_loss_weight = (
+            vocabulary_size,
+            clip_grad_norm,
+            head,
+            phone_loss_weight,
+        )
+        self.forward_model = forward_model or model
+        self.augment, self.perturb, self.extra_loss = augment, perturb, extra_loss
+        self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision.loss_scaling)
+        self.ctc_loss = torch.nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
+
+    def __call__(self, batch: dict) -> tuple[float, float]:
+        """Train on ``batch`` (features (batch, frames, mels), lengths, targets, ...): (summed loss, gradient norm)."""
+        device, model = self.device, self.model
+        feats, lengths = batch["features"].to(device, non_blocking=True), batch["lengths"].to(device)
+        if self.perturb is not None:
+            feats, lengths = self.perturb(feats, lengths)
+        if self.augment is not None:
+            normalised = (feats - model.feature_mean) / model.feature_std
+            feats = self.augment(normalised) * model.feature_std + model.feature_mean
+        with torch.autocast(device.type, dtype=self.precision.dtype, enabled=self.precision.dtype is not None):
+            log_probs, out_lengths, _ = self.forward_model(feats, lengths, head=self.head)
+        log_probs = log_probs.float().transpose(0, 1)
+        chars = self.vocabulary_size
+        loss_sum = self.ctc_loss(log_probs[:, :, :chars], batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device))
+        if self.head == "both":
+            phone_targets, phone_lengths = batch["phone_targets"].to(device), batch["phone_target_lengths"].to(device)
+            loss_sum = loss_sum + self.phone_loss_weight * self.ctc_loss(log_probs[:, :, chars:], phone_targets, out_lengths, phone_lengths)
+        if self.extra_loss is not None:
+            loss_sum = loss_sum + self.extra_loss(log_probs, out_lengths, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_sum / feats.shape[0]).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss_sum.item(), grad_norm
+
+
+def _load_sets(config: TrainConfig, feature_config: FeatureConfig, main_process: bool, world_size: int) -> tuple[list, list]:
+    """Training and dev feature sets; rank 0 extracts features first, the others then read its cache."""
+    train_sets, dev_sets = [], []
     if main_process:
         train_sets = [load_features(m, feature_config, config.cache_dir, config.workers) for m in config.train_manifests]
         dev_sets = [load_features(m, feature_config, config.cache_dir, config.workers) for m in config.dev_manifests]
@@ -368,233 +409,320 @@ def train(config: TrainConfig, log=print) -> Path:
         dist.barrier()
     if not main_process:
         train_sets = [load_features(m, feature_config, config.cache_dir, 1) for m in config.train_manifests]
-        dev_sets = []
-    max_frames = int(config.max_utterance_seconds * 100)
-    examples, skipped = build_examples(train_sets, vocabulary, config.model.stack_frames, max_frames, phones)
-    if not examples:
-        raise ValueError("no usable training utterances")
-    hours = sum(e.duration for e in examples) / 3600
-    if main_process:
-        log(f"training on {len(examples)} utterances ({hours:.2f} h), skipped {skipped}; {world_size} process(es) on {device}")
+    return train_sets, dev_sets
 
+
+def _initial_model(config: TrainConfig, init: ModelBundle | None, init_digest: str, train_sets: list, log) -> CTCModel:
+    """A new model: the initial model's weights and normalisation (widened if asked), or the training data's statistics."""
     model = CTCModel(config.model)
-    if init is not None:  # its weights and feature normalisation, kept as they are; a new phone layer or branch starts afresh
-        init_width = init.model.config.hidden_size
-        narrow = model if init_width == config.model.hidden_size else CTCModel(replace(config.model, hidden_size=init_width))
-        missing, unexpected = narrow.load_state_dict(init.model.state_dict(), strict=False)
-        if unexpected or any(not key.startswith(("phone_output.", "char_branch")) for key in missing):
-            raise ValueError(f"cannot initialise from {config.init_model}: missing {missing}, unexpected {unexpected}")
-        if narrow is not model:
-            widen_model(narrow, model)
-        if main_process:
-            widened = f", widened from hidden size {init_width}" if narrow is not model else ""
-            log(f"initialised from {config.init_model} ({init_digest}){widened}")
-    else:
+    if init is None:
         mean, std = feature_statistics(train_sets)
         model.set_normalization(torch.from_numpy(mean), torch.from_numpy(std))
-    model.to(device)
-    head = "chars" if phones is None else "both"
-    state_path = out / STATE_FILE
-    state = torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else None
-    if state is not None:  # checked before anything is timed or allocated for the run
-        if state["config"] != json.dumps(asdict(config.model)):
-            raise ValueError(f"{state_path} was written for a different model configuration; use a new output folder")
-        if state.get("init", "") != init_digest:
-            raise ValueError(f"{state_path} was written for a run with a different initial model; use a new output folder")
-    precision = _run_precision(config, device, world_size, _precision_probe(model, device, head), state)
-    ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) if world_size > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = len(bucket_batches(examples, config.batch_frames, config.seed, 0, rank, world_size))
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
-    if main_process:
-        log(f"computing in {precision.name}" + (" with loss scaling" if precision.loss_scaling else ""))
-    augment = SpecAugment().to(device) if config.specaugment else None
-    perturb = FeatureAugment(config.augment, feature_config).to(device) if config.augment.enabled else None
-    ctc_loss = torch.nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
+        return model
+    init_width = init.model.config.hidden_size  # a new phone layer or branch starts afresh
+    narrow = model if init_width == config.model.hidden_size else CTCModel(replace(config.model, hidden_size=init_width))
+    missing, unexpected = narrow.load_state_dict(init.model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith(("phone_output.", "char_branch")) for key in missing):
+        raise ValueError(f"cannot initialise from {config.init_model}: missing {missing}, unexpected {unexpected}")
+    if narrow is not model:
+        widen_model(narrow, model)
+    if log is not None:
+        log(
+            f"initialised from {config.init_model} ({init_digest})"
+            + (f", widened from hidden size {init_width}" if narrow is not model else "")
+        )
+    return model
 
-    epoch, step_in_epoch, global_step, best_wer = 0, 0, 0, math.inf
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, step_in_epoch, global_step, best_wer = state["epoch"], state["step_in_epoch"], state["global_step"], state["best_wer"]
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        if main_process:
-            log(f"resumed from {state_path}: epoch {epoch + 1}, step {global_step}")
-        state = None  # its copies of the weights and optimiser moments are loaded; free them
 
-    metrics = MetricsLog(out) if main_process else None
-    metadata = {
-        "train_manifests": [_set_name(m) for m in config.train_manifests],
-        "train_hours": round(hours, 3),
-        "train_config": json.dumps({k: v for k, v in asdict(config).items() if k != "model"}),
-        "device": str(device.type),
-        "precision": precision.name,
-        "world_size": world_size,
-    }
-    if init is not None:
-        metadata["initialised_from"] = {
-            "model": config.init_model,
-            "sha256": init_digest,
-            **{k: init.metadata[k] for k in ("train_manifests", "train_hours", "steps", "initialised_from") if k in init.metadata},
+class _TrainingRun:
+    """Everything one run of ``train`` holds: data, model, optimiser, counters; it trains epochs, validates, checkpoints."""
+
+    def __init__(self, config: TrainConfig, log) -> None:
+        self.config, self.log = config, log
+        self.rank, local_rank, self.world_size = _distributed()
+        self.device = _device(config.device, local_rank)
+        self.main_process = self.rank == 0
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        self._load_inputs()
+        self.model = _initial_model(config, self.init, self.init_digest, self.train_sets, log if self.main_process else None).to(
+            self.device
+        )
+        self.head = "chars" if self.phones is None else "both"
+        self.state_path = self.out / STATE_FILE
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True) if self.state_path.is_file() else None
+        self._check_state(state)
+        self.precision = _run_precision(config, self.device, self.world_size, _precision_probe(self.model, self.device, self.head), state)
+        self._build_step()
+        self.epoch, self.step_in_epoch, self.global_step, self.best_wer = 0, 0, 0, math.inf
+        if state is not None:
+            self._restore(state)
+        self.metrics = MetricsLog(self.out) if self.main_process else None
+        self.metadata = self._metadata()
+        self.started, self.stopped_early = time.time(), False
+
+    def _load_inputs(self) -> None:
+        config = self.config
+        self.init, self.init_digest = None, ""
+        if config.init_model:
+            init_path = resolve_init_model(config.init_model)
+            self.init = load_model_file(init_path)
+            self.init_digest = file_sha256(init_path)[:16]
+            init_model_config(self.init.model.config, **asdict(config.model))  # raises for a different shape
+        self.feature_config = self.init.feature_config if self.init is not None else FeatureConfig()
+        self.vocabulary = self.init.vocabulary if self.init is not None else Vocabulary()
+        if config.model.vocab_size != len(self.vocabulary):
+            raise ValueError(f"model vocab_size must be {len(self.vocabulary)}")
+        self.phones = None
+        if config.model.phone_vocab_size:
+            init_units = self.init.phone_vocabulary if self.init is not None else None
+            units = init_units if init_units is not None else phone_vocabulary()
+            if config.model.phone_vocab_size != len(units):
+                raise ValueError(f"model phone_vocab_size must be {len(units)}")
+            self.phones = (Pronouncer(), units)
+        self.train_sets, self.dev_sets = _load_sets(config, self.feature_config, self.main_process, self.world_size)
+        max_frames = int(config.max_utterance_seconds * 100)
+        self.examples, skipped = build_examples(self.train_sets, self.vocabulary, config.model.stack_frames, max_frames, self.phones)
+        if not self.examples:
+            raise ValueError("no usable training utterances")
+        self.hours = sum(e.duration for e in self.examples) / 3600
+        if self.main_process:
+            self.log(
+                f"training on {len(self.examples)} utterances ({self.hours:.2f} h), skipped {skipped}; "
+                f"{self.world_size} process(es) on {self.device}"
+            )
+
+    def _check_state(self, state: dict | None) -> None:
+        """A saved state must be of this run's model and initial model (checked before anything is timed or allocated)."""
+        if state is None:
+            return
+        if state["config"] != json.dumps(asdict(self.config.model)):
+            raise ValueError(f"{self.state_path} was written for a different model configuration; use a new output folder")
+        if state.get("init", "") != self.init_digest:
+            raise ValueError(f"{self.state_path} was written for a run with a different initial model; use a new output folder")
+
+    def _build_step(self) -> None:
+        config, model, device = self.config, self.model, self.device
+        forward_model = model
+        if self.world_size > 1:
+            forward_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        steps_per_epoch = len(bucket_batches(self.examples, config.batch_frames, config.seed, 0, self.rank, self.world_size))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, steps_per_epoch * config.epochs))
+        if self.main_process:
+            self.log(f"computing in {self.precision.name}" + (" with loss scaling" if self.precision.loss_scaling else ""))
+        self.step = CTCStep(
+            model,
+            optimizer,
+            scheduler,
+            self.precision,
+            len(self.vocabulary),
+            config.clip_grad_norm,
+            self.head,
+            config.phone_loss_weight,
+            forward_model,
+            augment=SpecAugment().to(device) if config.specaugment else None,
+            perturb=FeatureAugment(config.augment, self.feature_config).to(device) if config.augment.enabled else None,
+        )
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.step.optimizer.load_state_dict(state["optimizer"])
+        self.step.scheduler.load_state_dict(state["scheduler"])
+        self.step.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        self.best_wer = state["best_wer"]
+        _set_rng_state(state["rng"][self.rank] if self.rank < len(state["rng"]) else state["rng"][0])
+        if self.main_process:
+            self.log(f"resumed from {self.state_path}: epoch {self.epoch + 1}, step {self.global_step}")
+
+    def _metadata(self) -> dict:
+        config, init = self.config, self.init
+        metadata = {
+            "train_manifests": [_set_name(m) for m in config.train_manifests],
+            "train_hours": round(self.hours, 3),
+            "train_config": json.dumps({k: v for k, v in asdict(config).items() if k != "model"}),
+            "device": str(self.device.type),
+            "precision": self.precision.name,
+            "world_size": self.world_size,
         }
+        if init is not None:
+            kept = ("train_manifests", "train_hours", "steps", "initialised_from")
+            metadata["initialised_from"] = {
+                "model": config.init_model,
+                "sha256": self.init_digest,
+                **{k: init.metadata[k] for k in kept if k in init.metadata},
+            }
+        return metadata
 
-    def bundle(extra: dict) -> ModelBundle:
-        return ModelBundle(model, feature_config, vocabulary, {**metadata, **extra}, phones[1] if phones else None)
+    def bundle(self, extra: dict) -> ModelBundle:
+        phone_units = self.phones[1] if self.phones else None
+        return ModelBundle(self.model, self.feature_config, self.vocabulary, {**self.metadata, **extra}, phone_units)
 
-    def save_state() -> None:
-        rng = [None] * world_size
-        if world_size > 1:
+    def save_state(self) -> None:
+        """The exact state to resume from (every process's random generators) and last.pt."""
+        rng = [None] * self.world_size
+        if self.world_size > 1:
             dist.all_gather_object(rng, _rng_state())
         else:
             rng = [_rng_state()]
-        if not main_process:
+        if not self.main_process:
             return
+        step = self.step
         state = {
-            "config": json.dumps(asdict(config.model)),
-            "init": init_digest,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "best_wer": best_wer,
+            "config": json.dumps(asdict(self.config.model)),
+            "init": self.init_digest,
+            "model": self.model.state_dict(),
+            "optimizer": step.optimizer.state_dict(),
+            "scheduler": step.scheduler.state_dict(),
+            "scaler": step.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_wer": self.best_wer,
             "rng": rng,
-            "precision": precision.name,
+            "precision": self.precision.name,
         }
-        torch.save(state, state_path.with_suffix(".tmp"))
-        os.replace(state_path.with_suffix(".tmp"), state_path)
-        save_model(bundle({"epochs_completed": epoch, "steps": global_step}), out / "last.pt")
+        torch.save(state, self.state_path.with_suffix(".tmp"))
+        os.replace(self.state_path.with_suffix(".tmp"), self.state_path)
+        save_model(self.bundle({"epochs_completed": self.epoch, "steps": self.global_step}), self.out / "last.pt")
 
-    started = time.time()
-    stopped_early = False
-    while epoch < config.epochs and not stopped_early:
-        shortest_first = epoch < config.shortest_first_epochs
-        batches = bucket_batches(examples, config.batch_frames, config.seed, epoch, rank, world_size, shortest_first)
+    def train_epoch(self) -> None:
+        """The rest of the current epoch's batches (all of them unless resumed mid-epoch), or up to ``max_steps``."""
+        config = self.config
+        shortest_first = self.epoch < config.shortest_first_epochs
+        batches = bucket_batches(self.examples, config.batch_frames, config.seed, self.epoch, self.rank, self.world_size, shortest_first)
         progress = None
-        if main_process and config.progress:
+        if self.main_process and config.progress:
             from tqdm import tqdm
 
-            progress = tqdm(
-                total=len(batches), initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True
-            )
-        ddp_model.train()
-        window_audio, window_time, window_loss, window_utts = 0.0, time.time(), 0.0, 0
-        upcoming = prefetched_batches(train_sets, examples, batches[step_in_epoch:], pin_memory=device.type == "cuda")
-        for batch_index, batch in enumerate(upcoming, start=step_in_epoch):
-            feats = batch["features"].to(device, non_blocking=True)
-            lengths = batch["lengths"].to(device)
-            if perturb is not None:
-                feats, lengths = perturb(feats, lengths)
-            if augment is not None:
-                normalised = (feats - model.feature_mean) / model.feature_std
-                feats = augment(normalised) * model.feature_std + model.feature_mean
-            with torch.autocast(device.type, dtype=precision.dtype, enabled=precision.dtype is not None):
-                log_probs, out_lengths, _ = ddp_model(feats, lengths, head=head)
-            log_probs = log_probs.float().transpose(0, 1)
-            loss_sum = ctc_loss(
-                log_probs[:, :, : len(vocabulary)], batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device)
-            )
-            if phones is not None:
-                phone_targets, phone_lengths = batch["phone_targets"].to(device), batch["phone_target_lengths"].to(device)
-                phone_loss = ctc_loss(log_probs[:, :, len(vocabulary) :], phone_targets, out_lengths, phone_lengths)
-                loss_sum = loss_sum + config.phone_loss_weight * phone_loss
-            loss = loss_sum / feats.shape[0]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm))
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            global_step += 1
-            step_in_epoch = batch_index + 1
-            window_audio += float(batch["duration"])
-            window_loss += loss_sum.item()
-            window_utts += feats.shape[0]
-
-            if global_step % 10 == 0 or step_in_epoch == len(batches):
-                if world_size > 1:  # every rank's own audio: batches hold different amounts
-                    total = torch.tensor([window_audio], dtype=torch.float64, device=device)
-                    dist.all_reduce(total)
-                    window_audio = float(total)
-                throughput = window_audio / max(1e-6, time.time() - window_time)
-                mean_loss = window_loss / max(1, window_utts)  # per utterance, over the last steps
-                window_audio, window_time, window_loss, window_utts = 0.0, time.time(), 0.0, 0
-                if metrics is not None:
-                    metrics.write(
-                        time=round(time.time() - started, 1),
-                        epoch=epoch + 1,
-                        step=global_step,
-                        split="train",
-                        loss=round(mean_loss, 4),
-                        grad_norm=round(grad_norm, 4),
-                        lr=f"{scheduler.get_last_lr()[0]:.3g}",
-                        audio_sec_per_sec=round(throughput, 1),
-                    )
-                if progress is not None:
-                    progress.set_postfix(loss=f"{mean_loss:.3f}", gnorm=f"{grad_norm:.2f}", audio_s_per_s=f"{throughput:.0f}")
+            description = f"epoch {self.epoch + 1}/{config.epochs}"
+            progress = tqdm(total=len(batches), initial=self.step_in_epoch, desc=description, unit="batch", dynamic_ncols=True)
+        self.step.forward_model.train()
+        window = _Window()
+        upcoming = prefetched_batches(self.train_sets, self.examples, batches[self.step_in_epoch :], pin_memory=self.device.type == "cuda")
+        for batch_index, batch in enumerate(upcoming, start=self.step_in_epoch):
+            loss_sum, grad_norm = self.step(batch)
+            self.global_step += 1
+            self.step_in_epoch = batch_index + 1
+            window.add(float(batch["duration"]), loss_sum, batch["features"].shape[0])
+            if self.global_step % 10 == 0 or self.step_in_epoch == len(batches):
+                self._report(window, grad_norm, progress)
             if progress is not None:
                 progress.update(1)
-            if global_step % config.checkpoint_every == 0:
-                save_state()
-            if config.max_steps and global_step >= config.max_steps:
-                stopped_early = True
+            if self.global_step % config.checkpoint_every == 0:
+                self.save_state()
+            if config.max_steps and self.global_step >= config.max_steps:
+                self.stopped_early = True
                 break
         upcoming.close()  # an early stop leaves prefetched batches behind
         if progress is not None:
             progress.close()
-        if stopped_early:
-            save_state()
-            break
-        epoch, step_in_epoch = epoch + 1, 0
-        if main_process:
-            summary = []
-            wers = []
-            for manifest, dev in zip(config.dev_manifests, dev_sets):
-                result = validate(model, dev, vocabulary, device, config.batch_frames, phones)
-                wers.append(result["wer"])
-                metrics.write(
-                    time=round(time.time() - started, 1),
-                    epoch=epoch,
-                    step=global_step,
-                    split=_set_name(manifest),
-                    wer=round(result["wer"], 4),
-                    cer=round(result["cer"], 4),
-                    per=round(result["per"], 4) if "per" in result else "",
-                )
-                summary.append(
-                    f"{_set_name(manifest)} WER {100 * result['wer']:.1f}% CER {100 * result['cer']:.1f}%"
-                    + (f" PER {100 * result['per']:.1f}%" if "per" in result else "")
-                )
-            metrics.plot()
-            log(f"epoch {epoch}: " + ("; ".join(summary) if summary else "no dev set"))
-            if wers and float(np.mean(wers)) < best_wer:
-                best_wer = float(np.mean(wers))
-                save_model(bundle({"epochs_completed": epoch, "steps": global_step, "dev_wer": round(best_wer, 4)}), out / "best.pt")
-        if main_process and config.keep_epochs:
-            save_model(bundle({"epochs_completed": epoch, "steps": global_step}), out / f"epoch-{epoch:03d}.pt")
-            for old in sorted(out.glob("epoch-[0-9][0-9][0-9].pt"))[: -config.keep_epochs]:
-                old.unlink()
-        save_state()
 
-    if world_size > 1:
-        _check_replicas_in_sync(model, world_size)
-    final = out / "last.pt"
-    if main_process:
-        final_model = out / "model.pt"
-        source = out / "best.pt" if (out / "best.pt").is_file() else final
-        os.replace(source, final_model) if source != final else save_model(
-            bundle({"epochs_completed": epoch, "steps": global_step}), final_model
-        )
-        log(f"model written to {final_model} ({time.time() - started:.0f} s)")
-        final = final_model
-    if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return final
+    def _report(self, window: _Window, grad_norm: float, progress) -> None:
+        """Throughput, loss and learning rate of the last steps: to metrics.csv and the progress bar."""
+        if self.world_size > 1:  # every rank's own audio: batches hold different amounts
+            total = torch.tensor([window.audio], dtype=torch.float64, device=self.device)
+            dist.all_reduce(total)
+            window.audio = float(total)
+        throughput, mean_loss = window.take()
+        if self.metrics is not None:
+            self.metrics.write(
+                time=round(time.time() - self.started, 1),
+                epoch=self.epoch + 1,
+                step=self.global_step,
+                split="train",
+                loss=round(mean_loss, 4),
+                grad_norm=round(grad_norm, 4),
+                lr=f"{self.step.scheduler.get_last_lr()[0]:.3g}",
+                audio_sec_per_sec=round(throughput, 1),
+            )
+        if progress is not None:
+            progress.set_postfix(loss=f"{mean_loss:.3f}", gnorm=f"{grad_norm:.2f}", audio_s_per_s=f"{throughput:.0f}")
+
+    def end_epoch(self) -> None:
+        """Validate on the dev sets, keep the best and the last epochs' models, checkpoint."""
+        config = self.config
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.main_process:
+            wers = self._validate()
+            if wers and float(np.mean(wers)) < self.best_wer:
+                self.best_wer = float(np.mean(wers))
+                extra = {"epochs_completed": self.epoch, "steps": self.global_step, "dev_wer": round(self.best_wer, 4)}
+                save_model(self.bundle(extra), self.out / "best.pt")
+        if self.main_process and config.keep_epochs:
+            save_model(self.bundle({"epochs_completed": self.epoch, "steps": self.global_step}), self.out / f"epoch-{self.epoch:03d}.pt")
+            for old in sorted(self.out.glob("epoch-[0-9][0-9][0-9].pt"))[: -config.keep_epochs]:
+                old.unlink()
+        self.save_state()
+
+    def _validate(self) -> list[float]:
+        summary, wers = [], []
+        for manifest, dev in zip(self.config.dev_manifests, self.dev_sets):
+            result = validate(self.model, dev, self.vocabulary, self.device, self.config.batch_frames, self.phones)
+            wers.append(result["wer"])
+            per = result.get("per")
+            self.metrics.write(
+                time=round(time.time() - self.started, 1),
+                epoch=self.epoch,
+                step=self.global_step,
+                split=_set_name(manifest),
+                wer=round(result["wer"], 4),
+                cer=round(result["cer"], 4),
+                per=round(per, 4) if per is not None else "",
+            )
+            summary.append(
+                f"{_set_name(manifest)} WER {100 * result['wer']:.1f}% CER {100 * result['cer']:.1f}%"
+                + (f" PER {100 * per:.1f}%" if per is not None else "")
+            )
+        self.metrics.plot()
+        self.log(f"epoch {self.epoch}: " + ("; ".join(summary) if summary else "no dev set"))
+        return wers
+
+    def finish(self) -> Path:
+        """Write model.pt (the best epoch on the dev sets, else the last) and return its path."""
+        if self.world_size > 1:
+            _check_replicas_in_sync(self.model, self.world_size)
+        final = self.out / "last.pt"
+        if self.main_process:
+            final_model = self.out / "model.pt"
+            source = self.out / "best.pt" if (self.out / "best.pt").is_file() else final
+            if source != final:
+                os.replace(source, final_model)
+            else:
+                save_model(self.bundle({"epochs_completed": self.epoch, "steps": self.global_step}), final_model)
+            self.log(f"model written to {final_model} ({time.time() - self.started:.0f} s)")
+            final = final_model
+        if self.world_size > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return final
+
+
+class _Window:
+    """Audio seconds, summed loss and utterances of the steps since the last report."""
+
+    def __init__(self) -> None:
+        self.audio, self.loss, self.utterances, self.since = 0.0, 0.0, 0, time.time()
+
+    def add(self, audio: float, loss: float, utterances: int) -> None:
+        self.audio, self.loss, self.utterances = self.audio + audio, self.loss + loss, self.utterances + utterances
+
+    def take(self) -> tuple[float, float]:
+        """(audio seconds per second, mean loss per utterance), and start a new window."""
+        result = (self.audio / max(1e-6, time.time() - self.since), self.loss / max(1, self.utterances))
+        self.__init__()
+        return result
+
+
+def train(config: TrainConfig, log=print) -> Path:
+    """Train (or resume) a model; returns the path of the final model file."""
+    run = _TrainingRun(config, log)
+    while run.epoch < config.epochs:
+        run.train_epoch()
+        if run.stopped_early:
+            run.save_state()
+            break
+        run.end_epoch()
+    return run.finish()
