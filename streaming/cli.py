@@ -29,6 +29,8 @@ def run_mic(args: argparse.Namespace) -> int:
             return 0
         device, device_rate = resolve_device(args.input_device)
         rate = args.sample_rate or device_rate
+        if args.enroll:
+            return _enroll(args, device, rate)
         if args.server:
             return _mic_through_server(args, device, rate)
         recognizer = load_recognizer(args)
@@ -62,6 +64,42 @@ def run_mic(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     show(stream.finish())
+    return 0
+
+
+def _enroll(args: argparse.Namespace, device: int | None, rate: int) -> int:
+    """Show the prompts one at a time, record each, and adapt the model to the voice (`asr mic --enroll -o me.pt`)."""
+    import tempfile
+
+    from .enrol import EnrolmentError, adapt_in_process, load_prompts, record_prompts
+    from .mic import MicrophoneError, capture
+
+    if not args.output or Path(args.output).suffix != ".pt":
+        print("error: --enroll needs -o FILE.pt, the adapted model to write", file=sys.stderr)
+        return 2
+
+    def show(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        prompts = load_prompts(args.prompts_file, args.prompts)
+        show(f"Read each sentence aloud when it appears ({len(prompts)} sentences, device {device} at {rate} Hz).")
+        with tempfile.TemporaryDirectory(prefix="asr-enrol-") as scratch:
+            folder = Path(args.recordings) if args.recordings else Path(scratch)
+            blocks = capture(device, rate)
+            try:
+                record_prompts(prompts, blocks, rate, folder, show)
+            finally:
+                blocks.close()
+            show("adapting the model to your voice ...")
+            adapt_in_process(folder, args.output, args.model, show)
+    except (EnrolmentError, MicrophoneError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("enrolment interrupted: nothing written", file=sys.stderr)
+        return 130
+    show(f"your model: {args.output}  (use it with: asr mic -m {args.output})")
     return 0
 
 
@@ -122,6 +160,12 @@ def add_mic_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print events as JSON lines instead of the live display")
     p.add_argument("--server", help="send the audio to `asr serve` at this ws:// or wss:// address instead of decoding locally")
     p.add_argument("--token", help="shared secret for the server")
+    e = p.add_argument_group("enrolment: learn your voice")
+    e.add_argument("--enroll", action="store_true", help="read prompts aloud and adapt the model to your voice (with -o)")
+    e.add_argument("-o", "--output", help="with --enroll: the adapted model file to write (.pt)")
+    e.add_argument("--prompts", type=int, default=10, help="sentences to read (default 10)")
+    e.add_argument("--prompts-file", help="your own prompts, one sentence a line (default: Harvard sentences)")
+    e.add_argument("--recordings", help="keep the recordings and transcripts in this folder (for `asr adapt` later)")
     add_model_options(p)
     p.set_defaults(handler=run_mic)
 

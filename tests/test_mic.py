@@ -97,3 +97,35 @@ def test_microphone_through_the_server(alsa_home, tiny_model, tiny_punctuator):
     assert " ".join(finals).startswith(" ".join(CLIPS.values())), finals
     assert all(e["text"][0].isupper() for e in events if e.get("text"))
     assert any("partial" in e for e in events)
+
+
+def test_enrolment_records_each_prompt_and_adapts(tmp_path, tiny_model):
+    from asr.audio import load_audio
+    from asr.checkpoint import load_model_file
+    from tests.conftest import DATA
+    from tests.test_adapt import LOUD
+
+    clips = list(CLIPS.items()) + list(CLIPS.items())[:1]
+    pieces = [silence(0.5)]
+    for name, _ in clips:
+        pieces += [load_audio(DATA / name) * LOUD, silence(1.5)]  # a voice louder than any the tiny model heard
+    raw = tmp_path / "mic.raw"
+    sf.write(raw, np.clip(np.concatenate(pieces + [silence(25.0)]), -1, 1), 16000, subtype="PCM_16", format="RAW")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".asoundrc").write_text(f'pcm.testmic {{\n type file\n slave.pcm "null"\n file "/dev/null"\n infile "{raw}"\n format "raw"\n}}\n')
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(text.capitalize() + ".\n" for _, text in clips))
+    output, recordings = tmp_path / "me.pt", tmp_path / "recordings"
+    args = ["--enroll", "-o", str(output), "--prompts-file", str(prompts), "--recordings", str(recordings)]
+    result = mic(home, "--input-device", "testmic", "--sample-rate", "16000", "--model", str(tiny_model), *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[1/3] read aloud:  How much was it." in result.stdout and "[3/3]" in result.stdout
+    assert sorted(p.name for p in recordings.iterdir()) == ["01.txt", "01.wav", "02.txt", "02.wav", "03.txt", "03.wav"]
+    durations = [sf.info(recordings / f"0{i}.wav").duration for i in (1, 2, 3)]
+    assert all(0.7 < d < 2.5 for d in durations), durations  # each prompt cut around its clip
+    adapted = load_model_file(output)
+    assert adapted.metadata["adaptation"]["utterances"] == 3 and adapted.metadata["adapted_from"]["model"] == str(tiny_model)
+
+    quiet = mic(home, "--input-device", "testmic", "--enroll", "--model", str(tiny_model))
+    assert quiet.returncode == 2 and "needs -o" in quiet.stderr
