@@ -225,6 +225,11 @@ def run_serve(args: argparse.Namespace) -> int:
             sample_rate=args.sample_rate,
             token=args.token or None,
             punctuate=args.punctuate,
+            tokens=_tokens(args.tokens_file),
+            voices=args.voices,
+            max_enrolments=args.max_enrolments,
+            prompts_file=args.prompts_file,
+            prompts=args.prompts,
         )
         context = None
         if args.certfile:
@@ -245,6 +250,14 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _tokens(path: str | None) -> tuple[str, ...]:
+    """The tokens of a file, one a line (blank lines and # comments skipped)."""
+    if not path:
+        return ()
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return tuple(line for line in lines if line and not line.startswith("#"))
 
 
 def load_served_models(args: argparse.Namespace):
@@ -280,6 +293,12 @@ def add_serve_parser(subparsers) -> None:
         help="PCM rate assumed until a client's config gives one (vosk-server's default is 8000: --sample-rate 8000 to be a drop-in)",
     )
     p.add_argument("--token", help="shared secret clients must send (Authorization: Bearer TOKEN or ?token=TOKEN)")
+    p.add_argument("--tokens-file", help="more accepted tokens, one a line: one per user (each owns the voices it learns)")
+    v = p.add_argument_group("learned voices (enrolment from the browser page or any client)")
+    v.add_argument("--voices", help="folder for voices learned by enrolment (default: no enrolment)")
+    v.add_argument("--max-enrolments", type=int, default=1, help="adaptations running at once (each in its own process)")
+    v.add_argument("--prompts-file", help="enrolment prompts, one sentence a line (default: Harvard sentences)")
+    v.add_argument("--prompts", type=int, default=10, help="prompts per enrolment (3-30)")
     p.add_argument("--certfile", help="TLS certificate (PEM) for wss://")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--endpoint-silence", type=float, default=0.6)

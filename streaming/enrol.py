@@ -36,45 +36,60 @@ def load_prompts(path: str | Path | None = None, count: int = 10) -> list[str]:
     return prompts[:count]
 
 
-class UtteranceRecorder:
-    """Cuts one utterance at a time out of a stream of audio blocks, at ``sample_rate``."""
+class UtteranceCutter:
+    """Cuts utterances out of audio pushed in pieces at ``sample_rate``: each runs from a little before its first loud
+    frame to the pause after its last (or ``MAX_PROMPT_SECONDS``)."""
 
     def __init__(self, sample_rate: int) -> None:
         self.rate = sample_rate
         self.frame = max(1, int(FRAME_SECONDS * sample_rate))
         self._pending = np.zeros(0, dtype=np.float32)
+        self._kept: list[np.ndarray] = []
+        self._heard = self._quiet = 0
+        self.waited = 0.0  # seconds of audio since the last utterance ended, while none has begun
+
+    def push(self, audio: np.ndarray) -> list[np.ndarray]:
+        """audio (samples,) float in [-1, 1] or int16 -> the utterances it completed (samples,) each."""
+        audio = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio.astype(np.float32)
+        self._pending = np.concatenate([self._pending, audio.reshape(-1)])
+        done = []
+        while len(self._pending) >= self.frame:
+            frame, self._pending = self._pending[: self.frame], self._pending[self.frame :]
+            utterance = self._frame(frame)
+            if utterance is not None:
+                done.append(utterance)
+        return done
+
+    def _frame(self, frame: np.ndarray) -> np.ndarray | None:
+        loud = 20 * np.log10(np.sqrt(np.mean(frame**2)) + 1e-10) > SPEECH_DBFS
+        self._kept.append(frame)
+        if not self._heard:
+            self._kept = self._kept[-int(0.2 / FRAME_SECONDS) :]  # keep a little of the lead-in
+            self._heard, self.waited = int(loud), self.waited + FRAME_SECONDS
+            return None
+        self._quiet = 0 if loud else self._quiet + 1
+        if self._quiet * FRAME_SECONDS < END_PAUSE_SECONDS and len(self._kept) * FRAME_SECONDS < MAX_PROMPT_SECONDS:
+            return None
+        utterance = np.concatenate(self._kept)
+        self._kept, self._heard, self._quiet, self.waited = [], 0, 0, 0.0
+        return utterance
+
+
+class UtteranceRecorder:
+    """Records one utterance at a time from a stream of audio blocks (a microphone)."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.cutter = UtteranceCutter(sample_rate)
+        self._ready: list[np.ndarray] = []
 
     def record(self, blocks: Iterator[np.ndarray]) -> np.ndarray | None:
-        """The next utterance (samples,), from a little before its first loud frame to the pause after its last; None
-        when no speech comes within ``WAIT_SECONDS`` or the blocks end first."""
-        kept: list[np.ndarray] = []
-        heard = quiet = waited = 0
-        end_frames, lead = int(END_PAUSE_SECONDS / FRAME_SECONDS), int(0.2 / FRAME_SECONDS)
-        for frame in self._frames(blocks):
-            loud = 20 * np.log10(np.sqrt(np.mean(frame**2)) + 1e-10) > SPEECH_DBFS
-            if not heard:
-                kept = (kept + [frame])[-lead:]
-                waited += 1
-                heard = int(loud)
-                if waited * FRAME_SECONDS > WAIT_SECONDS:
-                    return None
-                continue
-            kept.append(frame)
-            quiet = 0 if loud else quiet + 1
-            if quiet >= end_frames or len(kept) * FRAME_SECONDS >= MAX_PROMPT_SECONDS:
-                return np.concatenate(kept)
-        return np.concatenate(kept) if heard else None
-
-    def _frames(self, blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        while True:
-            while len(self._pending) >= self.frame:
-                frame, self._pending = self._pending[: self.frame], self._pending[self.frame :]
-                yield frame
+        """The next utterance (samples,); None when no speech begins within ``WAIT_SECONDS`` or the blocks end."""
+        while not self._ready:
             block = next(blocks, None)
-            if block is None:
-                return
-            audio = block.astype(np.float32) / 32768.0 if block.dtype == np.int16 else block.astype(np.float32)
-            self._pending = np.concatenate([self._pending, audio.reshape(-1)])
+            if block is None or self.cutter.waited > WAIT_SECONDS:
+                return None
+            self._ready += self.cutter.push(block)
+        return self._ready.pop(0)
 
 
 def record_prompts(prompts: list[str], blocks: Iterator[np.ndarray], sample_rate: int, folder: Path, show: Callable[[str], None]) -> None:

@@ -37,6 +37,7 @@ from asr.recognizer import Recognizer
 from asr.segmenter import combine_alternatives
 
 from .recognizer import Final, Partial, RecognitionStream, StreamOptions
+from .voices import Enrolment, EnrolmentRefused, VoiceStore, owner_of
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 48000
 PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")  # the browser client served at /
@@ -44,6 +45,7 @@ CONFIG_KEYS = {"sample_rate", "words", "max_alternatives", "phrase_list", "gramm
 DEFAULT_MODEL = "default"  # the name of the first model a server serves
 MAX_BACKLOG_SECONDS = 10.0  # audio a connection may send ahead of recognition before its replies wait for it
 MAX_PHRASES = 1000  # entries of a connection's grammar or hotword list
+MAX_ENROLMENT_PROMPTS = 30
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
@@ -60,12 +62,23 @@ class ServerOptions:
     sample_rate: int = 16000  # assumed until a client's config says otherwise
     token: str | None = None  # shared secret required in the Authorization header or ?token=
     punctuate: bool = False  # cased, punctuated finals for every connection (else only for those whose config asks)
+    tokens: tuple[str, ...] = ()  # more accepted secrets (one per user: each token owns its learned voices)
+    voices: str | None = None  # folder of learned voices; None: no enrolment
+    max_enrolments: int = 1  # adaptation processes at once
+    prompts_file: str | None = None  # enrolment prompts (default: the bundled Harvard sentences)
+    prompts: int = 10  # prompts per enrolment
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.max_message_bytes < 1024 or self.idle_timeout <= 0 or self.max_session_seconds <= 0:
             raise ValueError("limits must be positive (max_message_bytes at least 1024)")
         if not MIN_SAMPLE_RATE <= self.sample_rate <= MAX_SAMPLE_RATE:
             raise ValueError(f"sample_rate must be within {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz")
+        if self.max_enrolments < 1 or not 3 <= self.prompts <= MAX_ENROLMENT_PROMPTS:
+            raise ValueError(f"max_enrolments must be >= 1 and prompts from 3 to {MAX_ENROLMENT_PROMPTS}")
+
+    @property
+    def accepted_tokens(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.token, *self.tokens) if t)
 
 
 class ProtocolError(ValueError):
@@ -132,8 +145,10 @@ def _phrase_list(config: dict, key: str) -> list[str]:
 class Session:
     """Protocol state of one connection: its settings, its stream, and what it has recognised but not yet replied."""
 
-    def __init__(self, server: RecognitionServer) -> None:
+    def __init__(self, server: RecognitionServer, owner: str | None = None) -> None:
         self.server = server
+        self.owner = owner  # the digest of the connection's token: whose learned voices it may use
+        self.enrolment: Enrolment | None = None
         self.sample_rate = server.options.sample_rate
         self.words = True  # vosk-server shows words by default
         self.hotwords: list[str] | None = None  # None: the server's own
@@ -150,12 +165,15 @@ class Session:
 
     @property
     def recognizer(self) -> Recognizer:
-        return self.server.recognizers[self.model]
+        """The session's model: a served one, or a voice of its owner (loaded on first use: call it off the event loop)."""
+        if self.model in self.server.recognizers:
+            return self.server.recognizers[self.model]
+        return self.server.voices.recognizer(self.owner, self.model)
 
     def configure(self, config: object) -> None:
         """Apply a client's config, all of it or (on a ProtocolError) none of it."""
-        if self.stream is not None:
-            raise ProtocolError("config must come before the first audio")
+        if self.stream is not None or self.enrolment is not None:
+            raise ProtocolError("config must come before the first audio (and not during an enrolment)")
         if not isinstance(config, dict):
             raise ProtocolError("config must be a JSON object")
         unknown = set(config) - CONFIG_KEYS
@@ -174,7 +192,7 @@ class Session:
         for key in ("phrase_list", "grammar"):  # vosk-server's phrase_list is a grammar: output restricted to the phrases
             if key in config:
                 try:
-                    grammar = self.server.recognizers[model].parse_grammar(_phrase_list(config, key))
+                    grammar = self.server.recognizers.get(model, self.server.recognizer).parse_grammar(_phrase_list(config, key))
                 except GrammarError as error:
                     raise ProtocolError(f"{key}: {error}") from error
         hotwords = _phrase_list(config, "hotwords") if "hotwords" in config else self.hotwords
@@ -196,9 +214,11 @@ class Session:
         if "model" not in config:
             return self.model
         name = config["model"]
-        if name not in self.server.recognizers:
+        voices = self.server.voices
+        if name not in self.server.recognizers and not (voices is not None and voices.has(self.owner, name)):
             served = ", ".join(self.server.recognizers)
-            raise ProtocolError(f"unknown model {str(name)[:100]!r}: this server serves {served} (by name; it never opens a path)")
+            mine = f"; this token's voices: {', '.join(voices.names(self.owner)) or 'none'}" if voices is not None and self.owner else ""
+            raise ProtocolError(f"unknown model {str(name)[:100]!r}: this server serves {served} (by name; it never opens a path){mine}")
         return name
 
     def new_stream(self) -> RecognitionStream:
@@ -325,6 +345,12 @@ class InferenceWorker:
                 loop.call_soon_threadsafe(lambda f=future, s=setter, r=result: f.done() or s(r))
 
 
+def _supplied_token(request: Request) -> str:
+    """The token a client sent: ``Authorization: Bearer TOKEN`` or ``?token=TOKEN`` ("" when none)."""
+    supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    return supplied or parse_qs(urlsplit(request.path).query).get("token", [""])[0]
+
+
 def _by_model(streams: list[RecognitionStream]) -> list[list[RecognitionStream]]:
     groups: dict[int, list[RecognitionStream]] = {}
     for stream in streams:
@@ -347,6 +373,11 @@ class RecognitionServer:
         self.options = options or ServerOptions()
         self.stream_options = stream_options or StreamOptions()
         self.punctuator_error = self._load_punctuators()
+        options = self.options
+        self.voices = None
+        if options.voices:
+            self.voices = VoiceStore(options.voices, recognizer, options.prompts_file, options.prompts, options.max_enrolments)
+        self._adaptations: set[asyncio.Task] = set()
         self.worker = InferenceWorker()
         self._sessions: dict[ServerConnection, Session] = {}
         self._stopping = False
@@ -374,10 +405,10 @@ class RecognitionServer:
                 response.headers["Content-Type"] = "text/html; charset=utf-8"
                 return response
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        if self.options.token is not None:
-            supplied = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            supplied = supplied or parse_qs(path.query).get("token", [""])[0]
-            if not hmac.compare_digest(supplied.encode(), self.options.token.encode()):
+        accepted = self.options.accepted_tokens
+        if accepted:
+            supplied = _supplied_token(request).encode()
+            if not any(hmac.compare_digest(supplied, token.encode()) for token in accepted):
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         return None
 
@@ -388,7 +419,7 @@ class RecognitionServer:
         if len(self._sessions) >= self.options.max_connections:
             await connection.close(CLOSE_TRY_AGAIN_LATER, f"server is full ({self.options.max_connections} connections)")
             return
-        session = Session(self)
+        session = Session(self, owner_of(_supplied_token(connection.request)) if connection.request is not None else None)
         self._sessions[connection] = session
         try:
             await self._serve(connection, session)
@@ -435,14 +466,63 @@ class RecognitionServer:
             return True
         elif request.get("reset"):
             await self._finish(connection, session, restart=True)
+        elif "enroll" in request:
+            await self._start_enrolment(connection, session, request["enroll"])
         else:
-            raise ProtocolError(f"unknown message keys {sorted(request)}; expected config, eof or reset")
+            raise ProtocolError(f"unknown message keys {sorted(request)}; expected config, eof, reset or enroll")
         return False
+
+    async def _start_enrolment(self, connection: ServerConnection, session: Session, request: object) -> None:
+        """``{"enroll": {"name": "me"}}``: reply with the prompts; the audio that follows is read as their utterances."""
+        if self.voices is None:
+            raise ProtocolError("this server does not learn voices (start it with --voices DIR)")
+        if session.stream is not None or session.enrolment is not None:
+            raise ProtocolError("enroll must come before any audio, once per connection")
+        try:
+            session.enrolment = self.voices.start(session.owner, request, session.sample_rate, set(self.recognizers))
+        except EnrolmentRefused as error:
+            raise ProtocolError(str(error)) from None
+        await self._send(connection, {**session.enrolment.status(), "texts": session.enrolment.prompts})
+
+    async def _enrolment_audio(self, connection: ServerConnection, session: Session, pcm: np.ndarray) -> None:
+        """Cut the prompts' utterances; after the last one, adapt in the background. One reply per message, as for recognition."""
+        enrolment = session.enrolment
+        if not enrolment.complete:
+            try:
+                enrolment.accept(pcm)
+            except EnrolmentRefused as error:
+                session.enrolment = None
+                raise ProtocolError(str(error)) from None
+            if enrolment.complete:
+                enrolment.adapting = True
+                task = asyncio.create_task(self._adapt(connection, session, enrolment))
+                self._adaptations.add(task)
+                task.add_done_callback(self._adaptations.discard)
+        await self._send(connection, enrolment.status())
+
+    async def _adapt(self, connection: ServerConnection, session: Session, enrolment: Enrolment) -> None:
+        """Adapt, then tell the client (when it is still connected) and let the connection use the voice."""
+        try:
+            report = await self.voices.adapt(session.owner, enrolment)
+            await asyncio.get_running_loop().run_in_executor(None, self.voices.recognizer, session.owner, enrolment.name)
+            reply = {"type": "enrolment", "name": enrolment.name, "adapted": True, "report": report}
+        except (EnrolmentRefused, ValueError, OSError) as error:
+            reply = {"type": "error", "error": f"learning the voice {enrolment.name!r} failed: {error}"}
+        if session.enrolment is enrolment:
+            session.enrolment = None
+        try:
+            await self._send(connection, reply)
+        except ConnectionClosed:
+            pass  # the voice is kept: the client may use it when it comes back
 
     async def _audio(self, connection: ServerConnection, session: Session, data: bytes) -> None:
         """Queue the audio for recognition and reply at once from the session's state (see the module's docstring)."""
         if len(data) % 2:
             raise ProtocolError(f"audio frames must hold 16-bit samples (an even byte count), got {len(data)} bytes")
+        if session.enrolment is not None:
+            session.seconds_received += len(data) / 2 / session.sample_rate
+            await self._enrolment_audio(connection, session, np.frombuffer(data, dtype="<i2"))
+            return
         if session.stream is None:  # built in a helper thread: neither the event loop nor the inference worker waits
             session.stream = await asyncio.get_running_loop().run_in_executor(None, session.new_stream)
         if data:
@@ -468,6 +548,8 @@ class RecognitionServer:
     async def shutdown(self) -> None:
         """Stop accepting, send every client its final result, then close the connections."""
         self._stopping = True
+        for task in list(self._adaptations):
+            task.cancel()  # its process is stopped; no voice is written
         for connection, session in list(self._sessions.items()):
             try:
                 await self._finish(connection, session)

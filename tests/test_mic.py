@@ -113,7 +113,9 @@ def test_enrolment_records_each_prompt_and_adapts(tmp_path, tiny_model):
     sf.write(raw, np.clip(np.concatenate(pieces + [silence(25.0)]), -1, 1), 16000, subtype="PCM_16", format="RAW")
     home = tmp_path / "home"
     home.mkdir()
-    (home / ".asoundrc").write_text(f'pcm.testmic {{\n type file\n slave.pcm "null"\n file "/dev/null"\n infile "{raw}"\n format "raw"\n}}\n')
+    (home / ".asoundrc").write_text(
+        f'pcm.testmic {{\n type file\n slave.pcm "null"\n file "/dev/null"\n infile "{raw}"\n format "raw"\n}}\n'
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(text.capitalize() + ".\n" for _, text in clips))
     output, recordings = tmp_path / "me.pt", tmp_path / "recordings"
