@@ -129,3 +129,19 @@ def test_manifests_and_too_many_utterances(tmp_path):
         enrolment_pairs([str(tmp_path / "bad.jsonl")])
     with pytest.raises(AdaptationError, match="not a JSONL manifest or a folder"):
         enrolment_pairs([str(tmp_path / "nothing.txt")])
+
+
+def test_the_adaptation_benchmark(tiny_model, tmp_path):
+    from training.adapt_bench import adaptation_benchmark
+
+    speaker = write_speaker(tmp_path / "me", copies=4)
+    wavs = sorted(speaker.glob("*.wav"))
+    rows = [{"audio": str(p), "duration": 1.0, "text": p.with_suffix(".txt").read_text().strip().lower(), "speaker": "me"} for p in wavs]
+    manifest = tmp_path / "me.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = adaptation_benchmark(
+        str(manifest), 5, AdaptOptions(max_steps=8, check_every=4), str(tiny_model), decoders=("greedy",), test_from=6
+    )
+    row = report["per_speaker"][0]
+    assert report["speakers"] == 1 and row["enrolled"] == 5 and row["tested"] == 2 and row["steps"] > 0
+    assert 0 <= report["unadapted_greedy_wer"] <= 2 and 0 <= report["adapted_greedy_wer"] <= 2 and row["adapt_seconds"] > 0

@@ -13,7 +13,9 @@ import asr
 from asr.checkpoint import load_model_file
 from asr.lm import LSTM_FILE
 from asr.nnlm import NeuralLM
+from asr.punctuation import BUNDLED_PUNCTUATOR, Punctuator
 from asr.recognizer import BUNDLED_LM, BUNDLED_MODEL
+from asr.text import normalize_text
 from tests.conftest import DATA
 
 REFERENCE = "and costing eleven pounds fifteen shillings eight pence within ten days"  # LJ002-0179 (in the training data)
@@ -33,6 +35,8 @@ def test_bundled_files_are_small_and_self_describing():
     bundle = load_model_file(BUNDLED_MODEL)
     assert bundle.model.config.chunk_frames > 0 and bundle.metadata["train_hours"] > 10
     assert json.loads((BUNDLED_LM / "decoder.json").read_text())["lm"] == "lm.bin"
+    assert BUNDLED_PUNCTUATOR.stat().st_size <= 10e6  # the bound
+    assert Punctuator.load(BUNDLED_PUNCTUATOR).info["words_seen"] > 1e7
 
 
 def test_default_recognizer_uses_beam_search_with_the_bundled_lm():
@@ -42,6 +46,7 @@ def test_default_recognizer_uses_beam_search_with_the_bundled_lm():
     result = recognizer.transcribe(DATA / "LJ002-0179.opus")
     assert jiwer.cer(REFERENCE, result.text) < 0.45, result.text  # 0.32 with the model of 2026-11-26, 0.01 with that of 2026-12-03
     assert all(0 <= w.start < w.end <= result.duration + 0.05 for w in result.words)
+    assert normalize_text(result.formatted_text) == result.text and result.formatted_text[0] == "A"  # punctuated by default
 
 
 def test_greedy_decoding_of_the_bundled_model(greedy):
@@ -55,6 +60,7 @@ def test_quick_start_command():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("1\n00:00:0") and "-->" in result.stdout
+    assert result.stdout.rstrip()[-1] in ".?!"  # subtitles are punctuated
 
 
 def test_vosk_round_trip_with_the_bundled_model():

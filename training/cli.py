@@ -808,7 +808,10 @@ def run_bench_adapt(args: argparse.Namespace) -> int:
     try:
         options = _adapt_options(args)
         model = None if args.model == "bundled" else args.model
-        report = adaptation_benchmark(args.manifest, args.enrol, options, model, args.speakers, log=lambda m: print(m, file=sys.stderr))
+        decoders = tuple(args.decoders)
+        report = adaptation_benchmark(
+            args.manifest, args.enrol, options, model, args.speakers, lambda m: print(m, file=sys.stderr), decoders
+        )
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -824,6 +827,8 @@ def add_bench_adapt_parser(bench_commands) -> None:
     p.add_argument("manifest", help="JSONL manifest with speakers")
     p.add_argument("--enrol", type=int, default=10, help="utterances each speaker adapts on (their first N)")
     p.add_argument("--speakers", type=int, default=0, help="only the first N speakers (0: all)")
+    p.add_argument("--decoders", nargs="+", choices=["greedy", "default"], default=["greedy", "default"])
+    p.add_argument("--test-from", type=int, default=0, help="score each speaker's utterances from the N-th on (default: --enrol)")
     _add_adapt_options(p)
     p.set_defaults(handler=run_bench_adapt)
 
