@@ -122,16 +122,17 @@ class PunctuationModel(nn.Module):
 
 
 class WordFeatures:
-    """Word strings -> vocabulary ids and n-gram bucket ids, with a cache of the words seen."""
+    """Word strings -> vocabulary ids and n-gram bucket ids, with a cache of the words seen (rows of growing arrays)."""
 
     def __init__(self, vocabulary: list[str], config: PunctuatorConfig, cache_words: int = 200_000) -> None:
         self.config = config
         self.index = {word: i for i, word in enumerate(vocabulary)}
         self.cache_words = cache_words
+        self._clear()
+
+    def _clear(self) -> None:
         self._rows: dict[str, int] = {}
-        self._word_ids: list[int] = []
-        self._ngram_rows: list[list[int]] = []
-        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._table = np.zeros((1024, self.config.max_ngrams + 1), dtype=np.int64)  # [word id, n-gram ids...] per row
 
     def row(self, word: str) -> list[int]:
         """[vocabulary id, n-gram ids..., padding...]: ``config.max_ngrams + 1`` ints."""
@@ -141,22 +142,20 @@ class WordFeatures:
 
     def encode(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Word ids (time,) and n-gram ids (time, max_ngrams), int64."""
-        if len(self._rows) > self.cache_words:
-            self._rows, self._word_ids, self._ngram_rows, self._tables = {}, [], [], None
-        rows = []
-        for word in words:
-            row = self._rows.get(word)
+        if len(self._rows) + len(words) > self.cache_words:
+            self._clear()
+        rows = [self._rows.get(word) for word in words]
+        for i, row in enumerate(rows):
             if row is None:
-                row = self._rows[word] = len(self._ngram_rows)
-                features = self.row(word)
-                self._word_ids.append(features[0])
-                self._ngram_rows.append(features[1:])
-                self._tables = None
-            rows.append(row)
-        if self._tables is None:
-            self._tables = (np.asarray(self._word_ids, dtype=np.int64), np.asarray(self._ngram_rows, dtype=np.int64))
-        index = np.asarray(rows, dtype=np.int64)
-        return self._tables[0][index], self._tables[1][index]
+                row = self._rows.get(words[i])
+                if row is None:
+                    row = self._rows[words[i]] = len(self._rows)
+                    if row == len(self._table):
+                        self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+                    self._table[row] = self.row(words[i])
+                rows[i] = row
+        features = self._table[np.asarray(rows, dtype=np.int64)]
+        return features[:, 0], features[:, 1:]
 
 
 def windows(length: int) -> list[tuple[int, int, int, int]]:
