@@ -186,9 +186,6 @@ class Punctuator:
         self.mixed_case = dict(mixed_case or {})
         self.info = dict(info or {})
         self.features = WordFeatures(vocabulary, model.config)
-        # added to the logits before the decision: tuned on held-out text for F1 (the network alone favours "none")
-        self.case_bias = np.zeros(len(CASES), dtype=np.float32)
-        self.mark_bias = np.zeros(len(MARKS), dtype=np.float32)
 
     def logits(self, paragraphs: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per paragraph of word keys: the network's case logits (words, 3) and mark logits (words, 5)."""
@@ -201,11 +198,11 @@ class Punctuator:
         return results
 
     def predict(self, paragraphs: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per paragraph of word keys: case ids (words,) and mark probabilities (words, 5), with the tuned biases."""
+        """Per paragraph of word keys: case ids (words,) and mark probabilities (words, 5)."""
         out = []
         for case_logits, mark_logits in self.logits(paragraphs):
-            marks = np.exp(mark_logits + self.mark_bias - (mark_logits + self.mark_bias).max(-1, keepdims=True, initial=0.0))
-            out.append(((case_logits + self.case_bias).argmax(-1), marks / marks.sum(-1, keepdims=True)))
+            marks = np.exp(mark_logits - mark_logits.max(-1, keepdims=True, initial=0.0))
+            out.append((case_logits.argmax(-1), marks / marks.sum(-1, keepdims=True)))
         return out
 
     def _logits_batch(self, paragraphs: list[list[str]], jobs: list, results: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -281,7 +278,7 @@ class Punctuator:
         path = Path(path)
         state = {k: v.half() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
         data = {"format": FORMAT, "config": self.model.config.to_dict(), "vocabulary": self.vocabulary, "mixed_case": self.mixed_case}
-        data |= {"state": state, "info": self.info, "case_bias": self.case_bias.tolist(), "mark_bias": self.mark_bias.tolist()}
+        data |= {"state": state, "info": self.info}
         partial = path.with_name(f".{path.name}.partial")
         torch.save(data, partial)
         os.replace(partial, path)
@@ -301,12 +298,7 @@ class Punctuator:
             raise
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
             raise PunctuatorError(f"cannot load punctuation model {path}: {error}") from error
-        punctuator = cls(model, list(data["vocabulary"]), dict(data.get("mixed_case", {})), dict(data.get("info", {})))
-        punctuator.case_bias = np.asarray(data.get("case_bias", punctuator.case_bias), dtype=np.float32)
-        punctuator.mark_bias = np.asarray(data.get("mark_bias", punctuator.mark_bias), dtype=np.float32)
-        if punctuator.case_bias.shape != (len(CASES),) or punctuator.mark_bias.shape != (len(MARKS),):
-            raise PunctuatorError(f"{path} has decision biases of the wrong shape")
-        return punctuator
+        return cls(model, list(data["vocabulary"]), dict(data.get("mixed_case", {})), dict(data.get("info", {})))
 
     @property
     def parameters(self) -> int:

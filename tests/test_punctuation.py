@@ -37,7 +37,6 @@ from training.punctuation import (
     punctuation_scores,
     score_held_out,
     train_punctuator,
-    tune_and_score,
 )
 
 # Real text (Jane Austen, Emma, public domain), as a recogniser writes it
@@ -143,10 +142,7 @@ def test_training_checkpoints_resumes_and_scores(tmp_path):
     longer = train_punctuator(work, TINY, PunctuatorTraining(**{**settings.__dict__, "minutes": 0.04}), log=log.append)
     assert longer.info["steps"] > steps  # resumed: the step count goes on
     scores = score_held_out(work, longer)
-    assert scores["words"] == BOOK_WORDS - BOOK_WORDS // 2 and scores["books"] == 1  # one held-out book: its second half
-    info = tune_and_score(work, longer)
-    assert set(info) == {"held_out", "held_out_without_biases", "decision_biases"}
-    assert all(-1 <= b <= 3 for b in info["decision_biases"]["mark_bias"]) and info["held_out"]["part"] == "test"
+    assert scores["words"] == BOOK_WORDS and scores["books"] == 1
     assert all(0.0 <= scores[k] <= 1.0 for k in ("full_stop_f1", "comma_f1", "question_f1", "capitalised_f1"))
     longer.save(tmp_path / "p.pt")
     assert Punctuator.load(tmp_path / "p.pt").vocabulary == longer.vocabulary
@@ -277,7 +273,7 @@ def test_the_bundled_model_on_real_text():
     assert normalize_text(first) == EMMA and first.startswith("Emma") and first.endswith(".") and "," in first
     assert question == "What time is it?" and last == ""
     info = Punctuator.load(asr.punctuation.BUNDLED_PUNCTUATOR).info
-    assert info["held_out"]["books"] >= 8 and info["held_out"]["words"] > 250_000 and info["held_out"]["part"] == "test"
+    assert info["held_out"]["books"] >= 10 and info["held_out"]["words"] > 500_000
 
 
 def test_subtitle_cues_end_at_sentence_ends():
@@ -390,34 +386,3 @@ def test_server_punctuates_when_a_connection_asks(punctuating_recognizer, tiny_m
         without.stop()
     assert replies[0]["type"] == "error" and "cannot punctuate" in replies[0]["error"] and "none.pt" in replies[0]["error"]
     assert " ".join(r["text"] for r in served if r.get("text")) == "how much was it does that look good"
-
-
-def test_tuned_biases_undo_a_network_that_is_too_shy(tiny_punctuator):
-    from training.punctuation import tune_biases
-
-    labeller = Labeller()
-    for line in ["Where is Mary?", "She went home, with the dog.", "Run!"] * 50:
-        labeller.feed(line)
-    labeller.finish()
-    labels = np.array([case * 8 + mark for case, mark in labeller.labels], dtype=np.uint8)
-
-    class Shy(Punctuator):
-        """Each right answer scores 0.6 below "none" / "lower": argmax alone never punctuates or capitalises."""
-
-        def logits(self, paragraphs):
-            out, start = [], 0
-            for words in paragraphs:
-                chunk = labels[start : start + len(words)]
-                start += len(words)
-                cases, marks = np.eye(3)[chunk // 8] * 0.4, np.eye(5)[chunk % 8] * 0.4
-                cases[:, 0] += 0.6 * (chunk // 8 != 0)
-                marks[:, 0] += 0.6 * (chunk % 8 != 0)
-                out.append((cases.astype(np.float32), marks.astype(np.float32)))
-            return out
-
-    loaded = Punctuator.load(tiny_punctuator)
-    shy = Shy(loaded.model, loaded.vocabulary)
-    assert punctuation_scores(shy, labeller.words, labels)["comma_f1"] == 0.0
-    shy.case_bias, shy.mark_bias = tune_biases(shy, labeller.words, labels)
-    assert shy.mark_bias[COMMA] > 0.2 and shy.case_bias[CAPITALISED] > 0.2
-    assert punctuation_scores(shy, labeller.words, labels) == {k: 1.0 for k in punctuation_scores(shy, labeller.words, labels)}

@@ -657,7 +657,7 @@ def run_train_punctuator(args: argparse.Namespace) -> int:
     from asr.punctuation import PunctuatorConfig
 
     from .lm import LanguageModelBuildError
-    from .punctuation import PunctuatorTraining, prepare_punctuation_corpus, train_punctuator, tune_and_score
+    from .punctuation import PunctuatorTraining, prepare_punctuation_corpus, score_held_out, train_punctuator
 
     work, output = Path(args.work), Path(args.output)
     try:
@@ -673,8 +673,8 @@ def run_train_punctuator(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         punctuator = train_punctuator(work, config, settings, log=lambda line: print(line, file=sys.stderr, flush=True))
-        print("tuning the decision biases on half the held-out books, scoring the other half ...", file=sys.stderr)
-        punctuator.info |= {"sources": corpus["sources"], **tune_and_score(work, punctuator, lambda m: print(m, file=sys.stderr))}
+        print("scoring every held-out book ...", file=sys.stderr)
+        punctuator.info |= {"sources": corpus["sources"], "held_out": score_held_out(work, punctuator)}
         punctuator.save(output)
     except (LanguageModelBuildError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -691,8 +691,7 @@ def add_train_punctuator_parser(subparsers) -> None:
         help="train the capitals-and-punctuation model on cased, punctuated text (CPU, resumable)",
         description="Label the text into --work (once; every 25th Project Gutenberg book is held out whole, with any copy of "
         "it), train for --minutes of wall-clock time with checkpoints every 5 minutes (run the same command again to resume "
-        "after an interruption), tune the decision biases on half the held-out books, score the other half, then write "
-        "the model file.",
+        "after an interruption), score every held-out book, then write the model file.",
     )
     p.add_argument("texts", nargs="+", metavar="TEXT", help="cased, punctuated text files (.txt, .gz, .xz), a sentence or paragraph a line")
     p.add_argument("-o", "--output", required=True, help="model file to write (.pt)")
@@ -720,7 +719,7 @@ def run_bench_punctuate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         punctuator = load_punctuator(args.punctuation_model)
-        scores = score_held_out(Path(args.work), punctuator, args.limit or None, args.part)
+        scores = score_held_out(Path(args.work), punctuator, args.limit or None)
     except (LanguageModelBuildError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -738,9 +737,6 @@ def add_bench_punctuate_parser(bench_commands) -> None:
     p.add_argument("--work", required=True, help="work folder of `asr train-punctuator` (its held-out books)")
     p.add_argument("--punctuation-model", help="model file (default: the bundled one)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N held-out words (0: all)")
-    p.add_argument(
-        "--part", choices=["test", "tune", "all"], default="test", help="which held-out books (tune: those the biases were tuned on)"
-    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: words per second on one core)")
     p.set_defaults(handler=run_bench_punctuate)
 

@@ -25,7 +25,6 @@ from torch import nn
 
 from asr.punctuation import (
     CAPITALISED,
-    CASES,
     COMMA,
     EXCLAMATION,
     FULL_STOP,
@@ -434,79 +433,16 @@ def _f1(predicted: np.ndarray, reference: np.ndarray) -> float:
     return round(2 * hits / max(int(predicted.sum() + reference.sum()), 1), 4)
 
 
-def held_out_parts(work: Path) -> dict[str, list[tuple[int, int]]]:
-    """(start, end) word spans of the held-out books: every other book tunes the decision biases ("tune"), the others
-    are scored ("test"), and "all" is both (with a single book, its halves)."""
-    books = json.loads((work / META_FILE).read_text(encoding="utf-8"))["held_out_books"]
-    ends = np.cumsum([book["words"] for book in books]).tolist()
-    spans = list(zip([0, *ends[:-1]], ends))
-    if len(spans) == 1:  # one book: its first half tunes, its second half is scored
-        (start, end), middle = spans[0], (spans[0][0] + spans[0][1]) // 2
-        return {"tune": [(start, middle)], "test": [(middle, end)], "all": spans}
-    return {"tune": spans[0::2], "test": spans[1::2], "all": spans}
-
-
-def _held_out_text(work: Path, part: str, limit: int | None = None) -> tuple[list[str], np.ndarray, int]:
-    """The words (as a recogniser writes them) and labels of a part of the held-out books, and how many books."""
+def score_held_out(work: Path, punctuator: Punctuator, limit: int | None = None) -> dict:
+    """Scores of ``punctuator`` on ``work``'s held-out books (all of them unless ``limit`` words), their size, and the
+    speed of formatting them (words per second with torch's current threads)."""
+    corpus_meta = json.loads((work / META_FILE).read_text(encoding="utf-8"))
     lines = (work / TYPES_FILE).read_text(encoding="utf-8").split("\n")[:-1]
     types = [line.split("\t")[0] for line in lines]
-    spans = held_out_parts(work)[part]
-    ids, labels = np.load(work / "held-out-words.npy"), np.load(work / "held-out-labels.npy")
-    ids = np.concatenate([ids[a:b] for a, b in spans])[:limit]
-    labels = np.concatenate([labels[a:b] for a, b in spans])[:limit]
-    return [types[i] for i in ids], labels, len(spans)
-
-
-BIAS_GRID = np.arange(-1.0, 3.01, 0.25)
-
-
-def tune_biases(punctuator: Punctuator, words: list[str], labels: np.ndarray, rounds: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Case and mark biases (added to the logits) that maximise the mean F1 of full stops, commas, question marks and
-    capitalised words on ``words``: a coordinate search over ``BIAS_GRID``, ``rounds`` times."""
-    logits = punctuator.logits([words[a:b] for a, b in held_out_paragraphs(labels)])
-    case_logits, mark_logits = np.concatenate([c for c, _ in logits]), np.concatenate([m for _, m in logits])
-    marks, capital = labels % 8, labels // 8 != LOWER
-    full_stop = (FULL_STOP, EXCLAMATION)
-    reference = (np.isin(marks, full_stop), marks == COMMA, marks == QUESTION)
-
-    def objective(case_bias: np.ndarray, mark_bias: np.ndarray) -> float:
-        predicted = (mark_logits + mark_bias).argmax(-1)
-        guesses = (np.isin(predicted, full_stop), predicted == COMMA, predicted == QUESTION)
-        scores = [_f1(g, r) for g, r in zip(guesses, reference)]
-        return float(np.mean(scores + [_f1((case_logits + case_bias).argmax(-1) != LOWER, capital)]))
-
-    biases = [np.zeros(len(CASES), np.float32), np.zeros(len(MARKS), np.float32)]
-    for _ in range(rounds):
-        for which, index in [(1, COMMA), (1, FULL_STOP), (1, QUESTION), (1, EXCLAMATION), (0, CAPITALISED), (0, UPPER)]:
-            best = max(BIAS_GRID, key=lambda value: objective(*_with(biases, which, index, value)))
-            biases = _with(biases, which, index, best)
-    return biases[0], biases[1]
-
-
-def _with(biases: list[np.ndarray], which: int, index: int, value: float) -> list[np.ndarray]:
-    changed = [b.copy() for b in biases]
-    changed[which][index] = value
-    return changed
-
-
-def score_held_out(work: Path, punctuator: Punctuator, limit: int | None = None, part: str = "test") -> dict:
-    """Scores of ``punctuator`` on a part of ``work``'s held-out books (default "test": those not used to tune the
-    biases), their size, and the speed of formatting them (words per second with torch's current threads)."""
-    words, labels, books = _held_out_text(work, part, limit)
+    ids, labels = np.load(work / "held-out-words.npy")[:limit], np.load(work / "held-out-labels.npy")[:limit]
+    words = [types[i] for i in ids]
     started = time.perf_counter()
     scores = punctuation_scores(punctuator, words, labels)
     seconds = time.perf_counter() - started
-    scores |= {"part": part, "words": len(words), "books": books, "seconds": round(seconds, 2)}
-    return scores | {"words_per_second": round(len(words) / seconds), "threads": torch.get_num_threads()}
-
-
-def tune_and_score(work: Path, punctuator: Punctuator, log: Callable[[str], None] = lambda line: None) -> dict:
-    """Tune ``punctuator``'s decision biases on the "tune" books, then score it on the "test" books (with and without
-    the biases); returns what the model's info records."""
-    untuned = score_held_out(work, punctuator)
-    log(f"held-out test books, no biases: {json.dumps(untuned)}")
-    words, labels, _ = _held_out_text(work, "tune")
-    punctuator.case_bias, punctuator.mark_bias = tune_biases(punctuator, words, labels)
-    tuned = score_held_out(work, punctuator)
-    biases = {"case_bias": punctuator.case_bias.tolist(), "mark_bias": punctuator.mark_bias.tolist()}
-    return {"held_out": tuned, "held_out_without_biases": untuned, "decision_biases": biases}
+    scores |= {"words": len(ids), "books": len(corpus_meta["held_out_books"]), "seconds": round(seconds, 2)}
+    return scores | {"words_per_second": round(len(ids) / seconds), "threads": torch.get_num_threads()}
