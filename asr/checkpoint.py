@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,3 +91,34 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
     bundle = bundle_from_dict(data, str(path))
     bundle.model.to(device)
     return bundle
+
+
+def save_half_precision(path: str | os.PathLike, fmt: str, model: torch.nn.Module, fields: dict) -> None:
+    """A small model in one file: ``{"format": fmt, **fields, "state": float16 weights}``, written beside ``path`` and
+    moved into place (the LSTM LM and the punctuation model)."""
+    path = Path(path)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save({"format": fmt, **fields, "state": state}, partial)
+    os.replace(partial, path)
+
+
+def load_half_precision(path: str | os.PathLike, fmt: str, what: str, error: type[Exception], build) -> tuple[torch.nn.Module, dict]:
+    """(model, the file's fields) of a file ``save_half_precision`` wrote; ``build(fields)`` makes the empty model.
+
+    Raises ``error`` with a message naming ``what`` ("a punctuation model") for a missing file, another kind of file,
+    or a broken one."""
+    path, name = Path(path), what.split(" ", 1)[1]
+    if not path.is_file():
+        raise error(f"{name} not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != fmt:
+            raise error(f"{path} is not {what} ({fmt})")
+        model = build(data)
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in data["state"].items()})
+    except error:
+        raise
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as failure:
+        raise error(f"cannot load {name} {path}: {failure}") from failure
+    return model, data

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from .checkpoint import load_half_precision, save_half_precision
 
 SENTENCE_END, UNKNOWN = "</s>", "<unk>"  # ids 0 and 1
 FORMAT = "asr-lstm-lm/1"
@@ -170,29 +170,13 @@ class NeuralLM:
 
     def save(self, path: str | os.PathLike) -> None:
         """One file: config, words, float16 weights and ``info``; written beside ``path`` and moved into place."""
-        path = Path(path)
-        state = {k: v.half() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
-        partial = path.with_name(f".{path.name}.partial")
-        data = {"format": FORMAT, "config": self.model.config.to_dict(), "words": self.words, "state": state, "info": self.info}
-        torch.save(data, partial)
-        os.replace(partial, path)
+        save_half_precision(path, FORMAT, self.model, {"config": self.model.config.to_dict(), "words": self.words, "info": self.info})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuralLM:
-        path = Path(path)
-        if not path.is_file():
-            raise NeuralLMError(f"LSTM language model not found: {path}")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
-                raise NeuralLMError(f"{path} is not an LSTM language model ({FORMAT})")
-            config = NeuralLMConfig.from_dict(data["config"])
-            model = LstmLanguageModel(config)
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in data["state"].items()})
-        except NeuralLMError:
-            raise
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-            raise NeuralLMError(f"cannot load LSTM language model {path}: {error}") from error
+        """Raises ``NeuralLMError`` for a missing file, another kind of file, or a broken one."""
+        build = lambda data: LstmLanguageModel(NeuralLMConfig.from_dict(data["config"]))  # noqa: E731
+        model, data = load_half_precision(path, FORMAT, "an LSTM language model", NeuralLMError, build)
         return cls(model, list(data["words"]), dict(data.get("info", {})))
 
     @property

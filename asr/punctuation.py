@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pickle
 import re
 import zlib
 from dataclasses import asdict, dataclass
@@ -24,6 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
+
+from .checkpoint import load_half_precision, save_half_precision
 
 if TYPE_CHECKING:
     from .decoding import Transcript
@@ -42,6 +43,7 @@ CONTEXT_WORDS = 32  # words of context kept on each side of a window's predictio
 WINDOWS_PER_BATCH = 64
 ALWAYS_CAPITALISED = frozenset({"i", "i'm", "i'd", "i'll", "i've"})
 _HAS_MARK = re.compile(r"[.,?!;:]")
+_TAG = re.compile(r"^\[[^\]]*\]$")
 _EDGES = re.compile(r"^[^\w']+|[^\w']+$")
 
 
@@ -241,11 +243,14 @@ class Punctuator:
             case = int(cases[i])
             if i == 0 or marks[i - 1] in SENTENCE_ENDS or word_key(token) in ALWAYS_CAPITALISED:
                 case = max(case, CAPITALISED)
+            if _TAG.match(token):  # [unk] and the like are not words
+                formatted.append(token)
+                continue
             formatted.append((self._cased(token, case) if add_case else token) + (MARKS[marks[i]] if add_marks else ""))
         return formatted
 
     def _cased(self, token: str, case: int) -> str:
-        if case == LOWER or token.startswith("["):  # or a tag such as [unk]
+        if case == LOWER:
             return token
         if case == UPPER:
             return token.upper()
@@ -275,29 +280,14 @@ class Punctuator:
 
     def save(self, path: str | os.PathLike) -> None:
         """One file: config, vocabulary, mixed-case forms, float16 weights and ``info``; written beside ``path`` and moved in."""
-        path = Path(path)
-        state = {k: v.half() if v.is_floating_point() else v for k, v in self.model.state_dict().items()}
-        data = {"format": FORMAT, "config": self.model.config.to_dict(), "vocabulary": self.vocabulary, "mixed_case": self.mixed_case}
-        data |= {"state": state, "info": self.info}
-        partial = path.with_name(f".{path.name}.partial")
-        torch.save(data, partial)
-        os.replace(partial, path)
+        fields = {"config": self.model.config.to_dict(), "vocabulary": self.vocabulary, "mixed_case": self.mixed_case, "info": self.info}
+        save_half_precision(path, FORMAT, self.model, fields)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Punctuator:
-        path = Path(path)
-        if not path.is_file():
-            raise PunctuatorError(f"punctuation model not found: {path}")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
-                raise PunctuatorError(f"{path} is not a punctuation model ({FORMAT})")
-            model = PunctuationModel(PunctuatorConfig.from_dict(data["config"]))
-            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in data["state"].items()})
-        except PunctuatorError:
-            raise
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as error:
-            raise PunctuatorError(f"cannot load punctuation model {path}: {error}") from error
+        """Raises ``PunctuatorError`` for a missing file, another kind of file, or a broken one."""
+        build = lambda data: PunctuationModel(PunctuatorConfig.from_dict(data["config"]))  # noqa: E731
+        model, data = load_half_precision(path, FORMAT, "a punctuation model", PunctuatorError, build)
         return cls(model, list(data["vocabulary"]), dict(data.get("mixed_case", {})), dict(data.get("info", {})))
 
     @property

@@ -195,7 +195,7 @@ def test_transcribe_cli_switches_rescoring_off(tiny_model, rescoring_lm, tmp_pat
 
     wav = tmp_path / "talk.wav"
     sf.write(wav, utterance(), SAMPLE_RATE)
-    common = ["transcribe", str(wav), "--model", str(tiny_model), "--decoder", "beam", "--lm", str(rescoring_lm)]
+    common = ["transcribe", str(wav), "--model", str(tiny_model), "--decoder", "beam", "--lm", str(rescoring_lm), "--no-punctuate"]
     on, off = run_asr(*common), run_asr(*common, "--no-lstm")
     assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
     assert "it" in off.stdout.split() and "it" not in on.stdout.split()
