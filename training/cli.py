@@ -809,9 +809,8 @@ def run_bench_adapt(args: argparse.Namespace) -> int:
         options = _adapt_options(args)
         model = None if args.model == "bundled" else args.model
         decoders = tuple(args.decoders)
-        report = adaptation_benchmark(
-            args.manifest, args.enrol, options, model, args.speakers, lambda m: print(m, file=sys.stderr), decoders
-        )
+        log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+        report = adaptation_benchmark(args.manifest, args.enrol, options, model, args.speakers, log, decoders, args.test_from)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
