@@ -68,7 +68,7 @@ class Transcript:
     @property
     def display_text(self) -> str:
         """What a person reads: the formatted text when there is one, else the recogniser's words."""
-        return self.text if self.formatted_words is None else " ".join(self.formatted_words)
+        return self.text if self.formatted_words is None else self.formatted_text
 
     def to_dict(self) -> dict:
         """text, duration, words (text, start, end, confidence; and formatted), alternatives, segments; and formatted_text."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import threading
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,6 +131,7 @@ class WordFeatures:
         self.config = config
         self.index = {word: i for i, word in enumerate(vocabulary)}
         self.cache_words = cache_words
+        self._lock = threading.Lock()
         self._clear()
 
     def _clear(self) -> None:
@@ -143,21 +145,20 @@ class WordFeatures:
         return [self.index.get(word, 0), *ngrams, *padding]
 
     def encode(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Word ids (time,) and n-gram ids (time, max_ngrams), int64."""
-        if len(self._rows) + len(words) > self.cache_words:
-            self._clear()
-        rows = [self._rows.get(word) for word in words]
-        for i, row in enumerate(rows):
-            if row is None:
-                row = self._rows.get(words[i])
-                if row is None:
-                    row = self._rows[words[i]] = len(self._rows)
-                    if row == len(self._table):
-                        self._table = np.concatenate([self._table, np.zeros_like(self._table)])
-                    self._table[row] = self.row(words[i])
-                rows[i] = row
-        features = self._table[np.asarray(rows, dtype=np.int64)]
+        """Word ids (time,) and n-gram ids (time, max_ngrams), int64. Safe to call from several threads."""
+        with self._lock:  # one Punctuator serves every thread (transcribe --jobs, the server's worker)
+            if len(self._rows) + len(words) > self.cache_words:
+                self._clear()
+            rows = [self._rows[word] if word in self._rows else self._add(word) for word in words]
+            features = self._table[np.asarray(rows, dtype=np.int64)]
         return features[:, 0], features[:, 1:]
+
+    def _add(self, word: str) -> int:
+        row = self._rows[word] = len(self._rows)
+        if row == len(self._table):
+            self._table = np.concatenate([self._table, np.zeros_like(self._table)])
+        self._table[row] = self.row(word)
+        return row
 
 
 def windows(length: int) -> list[tuple[int, int, int, int]]:
@@ -189,25 +190,17 @@ class Punctuator:
         self.info = dict(info or {})
         self.features = WordFeatures(vocabulary, model.config)
 
-    def logits(self, paragraphs: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per paragraph of word keys: the network's case logits (words, 3) and mark logits (words, 5)."""
-        results = [(np.zeros((len(w), len(CASES)), np.float32), np.zeros((len(w), len(MARKS)), np.float32)) for w in paragraphs]
+    def predict(self, paragraphs: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per paragraph of word keys: case ids (words,) and mark probabilities (words, 5). Empty paragraphs give empty arrays."""
+        results = [(np.zeros(len(words), dtype=np.int64), np.zeros((len(words), len(MARKS)), dtype=np.float32)) for words in paragraphs]
         jobs = [(p, span) for p, words in enumerate(paragraphs) if words for span in windows(len(words))]
         jobs.sort(key=lambda job: job[1][1] - job[1][0], reverse=True)
         with torch.inference_mode():
             for first in range(0, len(jobs), WINDOWS_PER_BATCH):
-                self._logits_batch(paragraphs, jobs[first : first + WINDOWS_PER_BATCH], results)
+                self._predict_batch(paragraphs, jobs[first : first + WINDOWS_PER_BATCH], results)
         return results
 
-    def predict(self, paragraphs: list[list[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per paragraph of word keys: case ids (words,) and mark probabilities (words, 5)."""
-        out = []
-        for case_logits, mark_logits in self.logits(paragraphs):
-            marks = np.exp(mark_logits - mark_logits.max(-1, keepdims=True, initial=0.0))
-            out.append((case_logits.argmax(-1), marks / marks.sum(-1, keepdims=True)))
-        return out
-
-    def _logits_batch(self, paragraphs: list[list[str]], jobs: list, results: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def _predict_batch(self, paragraphs: list[list[str]], jobs: list, results: list[tuple[np.ndarray, np.ndarray]]) -> None:
         lengths = [end - start for _, (start, end, _, _) in jobs]
         word_ids = np.zeros((len(jobs), lengths[0]), dtype=np.int64)
         ngram_ids = np.full((len(jobs), lengths[0], self.model.config.max_ngrams), self.model.config.ngram_buckets, dtype=np.int64)
@@ -215,11 +208,11 @@ class Punctuator:
             word_ids[row, : end - start], ngram_ids[row, : end - start] = self.features.encode(paragraphs[p][start:end])
         packed_lengths = torch.tensor(lengths) if lengths[-1] != lengths[0] else None
         case_logits, mark_logits = self.model(torch.from_numpy(word_ids), torch.from_numpy(ngram_ids), packed_lengths)
-        case_logits, mark_logits = case_logits.numpy(), mark_logits.numpy()
+        cases, marks = case_logits.argmax(-1).numpy(), mark_logits.softmax(-1).numpy()
         for row, (p, (start, _, keep_start, keep_end)) in enumerate(jobs):
             kept = slice(keep_start - start, keep_end - start)
-            results[p][0][keep_start:keep_end] = case_logits[row, kept]
-            results[p][1][keep_start:keep_end] = mark_logits[row, kept]
+            results[p][0][keep_start:keep_end] = cases[row, kept]
+            results[p][1][keep_start:keep_end] = marks[row, kept]
 
     def format_words(self, tokens: list[str], complete: bool = True) -> list[str]:
         """The tokens of one paragraph, cased and punctuated; ``complete``: the paragraph ends a sentence."""
@@ -240,12 +233,12 @@ class Punctuator:
         add_case = all(token == token.lower() for token in tokens)
         formatted = []
         for i, token in enumerate(tokens):
-            case = int(cases[i])
-            if i == 0 or marks[i - 1] in SENTENCE_ENDS or word_key(token) in ALWAYS_CAPITALISED:
-                case = max(case, CAPITALISED)
             if _TAG.match(token):  # [unk] and the like are not words
                 formatted.append(token)
                 continue
+            case = int(cases[i])
+            if i == 0 or marks[i - 1] in SENTENCE_ENDS or word_key(token) in ALWAYS_CAPITALISED:
+                case = max(case, CAPITALISED)
             formatted.append((self._cased(token, case) if add_case else token) + (MARKS[marks[i]] if add_marks else ""))
         return formatted
 

@@ -488,8 +488,8 @@ class RecognitionServer:
         """Cut the prompts' utterances; after the last one, adapt in the background. One reply per message, as for recognition."""
         enrolment = session.enrolment
         if not enrolment.complete:
-            try:
-                enrolment.accept(pcm)
+            try:  # in a helper thread: it writes each prompt's recording; this session's next message waits for it
+                await asyncio.get_running_loop().run_in_executor(None, enrolment.accept, pcm)
             except EnrolmentRefused as error:
                 session.enrolment = None
                 raise ProtocolError(str(error)) from None

@@ -60,7 +60,7 @@ def read_sentences(path: str | os.PathLike) -> Iterator[str]:
 
     A binary file, unreadable JSON, or a line of more than ``MAX_LINE_WORDS`` words raises ``LanguageModelBuildError``.
     """
-    for number, line in enumerate(read_lines(path), 1):
+    for number, line in numbered_lines(path):
         sentence = normalize_text(line)
         if sentence.count(" ") >= MAX_LINE_WORDS:
             raise LanguageModelBuildError(
@@ -75,6 +75,11 @@ def read_lines(path: str | os.PathLike) -> Iterator[str]:
 
     A missing or binary file or unreadable JSON raises ``LanguageModelBuildError``.
     """
+    return (line for _, line in numbered_lines(path))
+
+
+def numbered_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``read_lines`` with each line's number in the file."""
     path = Path(path)
     if not path.is_file():
         raise LanguageModelBuildError(f"text file not found: {path}")
@@ -87,7 +92,7 @@ def read_lines(path: str | os.PathLike) -> Iterator[str]:
                 if path.name.endswith(".jsonl"):
                     line = json.loads(line).get("text", "") if line.strip() else ""
                 if line.strip():
-                    yield line.strip()
+                    yield number, line.strip()
     except (OSError, EOFError, lzma.LZMAError, json.JSONDecodeError, UnicodeError) as error:
         raise LanguageModelBuildError(f"cannot read {path}: {error}") from error
 
