@@ -18,6 +18,7 @@ from tests.conftest import CLIPS, DATA, quiet_noise
 from training.adapt import (
     AdaptationError,
     AdaptOptions,
+    InputTransform,
     Lhuc,
     adapt_model_file,
     collate_utterances,
@@ -61,6 +62,36 @@ def test_lhuc_scales_fold_into_an_ordinary_model(tiny_model):
     assert (folded - plain).abs().max() > 0.1  # the scales did change the model
 
 
+def test_the_input_transform_folds_into_the_first_layer(tiny_model):
+    bundle = load_model_file(tiny_model)
+    utterances, _ = prepare_utterances([(str(DATA / n), t) for n, t in CLIPS.items()], bundle)
+    batch = collate_utterances(utterances)
+    model = bundle.model.eval()
+    transform = InputTransform(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        transform.matrix.add_(0.2 * torch.randn(transform.matrix.shape, generator=generator))
+        transform.shift.add_(0.5 * torch.randn(transform.shift.shape, generator=generator))
+        mapped, _, _ = model(batch["features"], batch["lengths"])
+    transform.fold(model)
+    with torch.no_grad():
+        folded, _, _ = model(batch["features"], batch["lengths"])
+        plain, _, _ = load_model_file(tiny_model).model.eval()(batch["features"], batch["lengths"])
+    torch.testing.assert_close(folded, mapped, rtol=1e-4, atol=1e-4)
+    assert (folded - plain).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("method", ["lhuc", "lin+lhuc", "bias"])
+def test_the_same_enrolment_gives_the_same_model(tiny_model, tmp_path, method):
+    speaker = write_speaker(tmp_path / "me")
+    options = AdaptOptions(method, max_steps=6, check_every=3)
+    first = adapt_model_file(tiny_model, [str(speaker)], tmp_path / "a.pt", options)
+    second = adapt_model_file(tiny_model, [str(speaker)], tmp_path / "b.pt", options)
+    assert first.steps == second.steps > 0 and first.held_out_loss_after < first.held_out_loss_before
+    a, b = load_model_file(tmp_path / "a.pt").model.state_dict(), load_model_file(tmp_path / "b.pt").model.state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
 def test_adapting_to_a_loud_speaker(tiny_model, tmp_path):
     speaker = write_speaker(tmp_path / "me")
     output = tmp_path / "me.pt"
@@ -70,7 +101,30 @@ def test_adapting_to_a_loud_speaker(tiny_model, tmp_path):
     adapted = load_model_file(output)
     assert adapted.model.config == load_model_file(tiny_model).model.config  # an ordinary model of the same shape
     assert adapted.metadata["adapted_from"]["model"] == str(tiny_model) and not adapted.metadata["adapted_from"]["bundled"]
-    assert adapted.metadata["adaptation"]["audio_seconds"] > 5 and adapted.metadata["adaptation"]["method"] == "lhuc"
+    assert adapted.metadata["adaptation"]["audio_seconds"] > 5 and adapted.metadata["adaptation"]["method"] == "lin+lhuc"
+
+
+def test_a_model_with_a_phone_output_layer_adapts_it_too(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    from asr.checkpoint import ModelBundle, save_model
+    from asr.model import CTCModel
+    from asr.phones import phone_vocabulary
+
+    bundle, phones = load_model_file(tiny_model), phone_vocabulary()
+    model = CTCModel(replace(bundle.model.config, phone_vocab_size=len(phones)))
+    model.load_state_dict(bundle.model.state_dict(), strict=False)  # the tiny model plus a phone output layer
+    save_model(ModelBundle(model, bundle.feature_config, bundle.vocabulary, {}, phones), tmp_path / "phones.pt")
+    speaker = write_speaker(tmp_path / "me")
+    utterances, _ = prepare_utterances(enrolment_pairs([str(speaker)]), load_model_file(tmp_path / "phones.pt"))
+    batch = collate_utterances(utterances)
+    words = [word.split() for word in "D AH Z|DH AE T|L UH K|G UH D".split("|")]
+    assert [phones.tokens[i] for i in utterances[0].phone_targets] == [*words[0], " ", *words[1], " ", *words[2], " ", *words[3]]
+    assert batch["phone_target_lengths"].tolist() == [len(u.phone_targets) for u in utterances]
+    report = adapt_model_file(tmp_path / "phones.pt", [str(speaker)], tmp_path / "me.pt", AdaptOptions(max_steps=8, check_every=2))
+    assert report.steps > 0 and report.held_out_loss_after < report.held_out_loss_before
+    adapted = load_model_file(tmp_path / "me.pt").model
+    assert not torch.equal(adapted.phone_output.weight, model.phone_output.weight)  # the last layer's scales fold into it
 
 
 def test_the_command_and_what_it_refuses(tiny_model, tmp_path):

@@ -1,14 +1,18 @@
 """Speaker adaptation from a few utterances (``asr adapt``): the model learns one person's voice in about a minute.
 
-With ten sentences, overfitting is the enemy, so few numbers change: by default LHUC (learning hidden unit
-contributions), one scale in (0, 2) per output unit of every encoder layer, 2 x hidden x layers numbers in all. A few
-of the speaker's utterances are held out; adaptation runs until their CTC loss stops falling, the best number of steps
-is kept, and the scales are then refit on all the utterances for that many steps. The scales are folded into the
-weights that read those outputs, so the result is an ordinary model file that works everywhere a model does.
+With ten sentences, overfitting is the enemy, so few numbers change. By default (``lin+lhuc``) two small sets:
+an affine map of each normalised log-mel frame before the first layer (a linear input network, n_mels x (n_mels + 1)
+numbers), and LHUC (learning hidden unit contributions), one scale in (0, 2) per output unit of every encoder layer
+(2 x hidden x layers numbers). A model with a phone output layer, which the default decoder reads, learns from the
+utterances' phones as well as their characters. A few of the speaker's utterances are held out; full-batch steps run
+until their CTC loss has not fallen for a while, the best number of steps is kept, and the speaker's model is then
+refit on all the utterances for that many steps. The map and the scales are folded into the weights that read their
+outputs, so the result is an ordinary model file that works everywhere a model does. Without dropout, the same
+enrolment gives the same model.
 
-Other methods, for comparison (``AdaptOptions.method``): the feature normalisation re-estimated on the speaker's
-audio, the two together, and a fine-tune of every weight held close to the original model (KL divergence to its
-outputs, a small learning rate).
+Other methods, for comparison (``AdaptOptions.method``): each part alone, the LSTM biases (``bias``), the feature
+normalisation re-estimated on the speaker's audio (``normalisation``), and a fine-tune of every weight held close to
+the original model (``finetune``: KL divergence to its outputs, a small learning rate).
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ from torch import nn
 from asr.audio import AUDIO_SUFFIXES, SAMPLE_RATE, AudioError, load_audio
 from asr.checkpoint import ModelBundle, save_model
 from asr.features import LogMelExtractor
+from asr.phones import PronunciationError, shared_pronouncer
 from asr.text import normalize_text
 
+from .data import SpecAugment
 from .precision import precision_named
 from .shards import file_sha256
 from .trainer import CTCStep
 
-METHODS = ("lhuc", "normalisation", "lhuc+normalisation", "finetune")
-DEFAULT_LEARNING_RATES = {"lhuc": 0.05, "lhuc+normalisation": 0.05, "finetune": 5e-5, "normalisation": 0.0}
+PARTS = ("lhuc", "lin", "bias", "normalisation", "finetune")  # a method is one part or several joined by "+"
+METHODS = ("lhuc", "lin", "bias", "lin+lhuc", "bias+lhuc", "normalisation", "lhuc+normalisation", "finetune")
+LEARNING_RATES = {"lhuc": 0.05, "lin": 0.002, "bias": 0.01, "finetune": 5e-5, "normalisation": 0.0}  # the first part's
 MIN_UTTERANCES, MAX_UTTERANCES = 3, 200
+SEARCH_SHARE = 0.55  # of the time budget: the refit on all the utterances takes about 1.4 times the search's best steps
 MAX_UTTERANCE_SECONDS = 30.0
 SILENCE_PEAK = 0.01  # an utterance whose loudest sample is below this (-40 dBFS) holds no speech
 # a transcript is taken for another recording's when the unadapted model's CTC loss per character is above both of these
@@ -50,36 +58,50 @@ class AdaptationError(ValueError):
 
 @dataclass(frozen=True)
 class AdaptOptions:
-    method: str = "lhuc"
+    method: str = "lin+lhuc"
     max_steps: int = 40  # full-batch steps tried on the utterances not held out
     check_every: int = 4  # steps between held-out scores
-    learning_rate: float = 0.0  # 0: the method's default (DEFAULT_LEARNING_RATES)
-    kl_weight: float = 1.0  # finetune: weight of the KL divergence to the original model's outputs (per frame)
+    patience: int = 2  # the search stops after this many held-out scores without a new best
+    learning_rate: float = 0.0  # 0: the method's default (LEARNING_RATES of its first part)
+    kl_weight: float = 0.0  # weight of the KL divergence to the original model's outputs (per frame); 0: 1 for finetune, else none
+    specaugment: bool = False  # mask time and frequency bands of the enrolment features at each step
+    dropout: bool = False  # the model's own dropout during the steps (off: the steps add no noise to a few utterances)
+    seed: int = 0  # of the dropout and masks: the same enrolment gives the same model
     held_out: float = 0.3  # share of the utterances held out to choose the number of steps (at least one)
-    seconds: float = 60.0  # wall-clock budget of the search for the number of steps (the refit takes at most as long)
+    seconds: float = 55.0  # wall-clock budget of the whole adaptation: the search ends at SEARCH_SHARE of it, the refit at the end
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.max_steps < 1 or self.check_every < 1 or self.learning_rate < 0 or self.kl_weight < 0:
-            raise ValueError("max_steps and check_every >= 1, learning_rate and kl_weight >= 0 are needed")
+        unknown = [part for part in self.method.split("+") if part not in PARTS]
+        if unknown or not self.method:
+            raise ValueError(f"method must be one of {', '.join(PARTS)} or several joined by '+', got {self.method!r}")
+        if min(self.max_steps, self.check_every, self.patience) < 1 or self.learning_rate < 0 or self.kl_weight < 0:
+            raise ValueError("max_steps, check_every and patience >= 1, learning_rate and kl_weight >= 0 are needed")
         if not 0 < self.held_out < 1 or self.seconds <= 0:
             raise ValueError("held_out must be in (0, 1) and seconds positive")
 
     @property
-    def rate(self) -> float:
-        return self.learning_rate or DEFAULT_LEARNING_RATES[self.method]
+    def parts(self) -> frozenset[str]:
+        return frozenset(self.method.split("+"))
+
+    def rate(self, part: str) -> float:
+        return self.learning_rate or LEARNING_RATES[part]
+
+    @property
+    def kl(self) -> float:
+        return self.kl_weight or (1.0 if "finetune" in self.parts else 0.0)
 
 
 @dataclass
 class Utterance:
-    """One enrolment utterance: features (frames, n_mels), target character ids, and where it came from."""
+    """One enrolment utterance: features (frames, n_mels), target character ids (and phone ids for a model with a phone
+    output layer, which the default decoder reads), and where it came from."""
 
     name: str
     text: str
     features: np.ndarray
     targets: list[int]
     seconds: float
+    phone_targets: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -151,10 +173,16 @@ def prepare_utterances(pairs: list[tuple[str, str]], bundle: ModelBundle) -> tup
             continue
         seconds = len(audio) / SAMPLE_RATE
         reason = _unusable(audio, seconds, text, bundle)
+        phones: list[int] = []
+        if not reason and bundle.phone_vocabulary is not None:
+            try:
+                phones = bundle.phone_vocabulary.encode(shared_pronouncer().phones_of_text(text))
+            except PronunciationError as error:
+                reason = f"no pronunciation for a word ({error})"
         if reason:
             rejected.append(f"{name}: {reason}")
             continue
-        usable.append(Utterance(name, text, extractor(audio), bundle.vocabulary.encode(text), seconds))
+        usable.append(Utterance(name, text, extractor(audio), bundle.vocabulary.encode(text), seconds, phones))
     return usable, rejected
 
 
@@ -171,36 +199,46 @@ def _unusable(audio: np.ndarray, seconds: float, text: str, bundle: ModelBundle)
 
 
 def collate_utterances(utterances: list[Utterance]) -> dict[str, torch.Tensor]:
-    """features (B, T, n_mels), lengths (B,), targets (sum U,), target_lengths (B,), duration: a training batch."""
+    """features (B, T, n_mels), lengths (B,), targets (sum U,), target_lengths (B,), duration: a training batch; with
+    phone targets also phone_targets (sum P,) and phone_target_lengths (B,)."""
     longest = max(len(u.features) for u in utterances)
     features = np.zeros((len(utterances), longest, utterances[0].features.shape[1]), dtype=np.float32)
     for row, u in enumerate(utterances):
         features[row, : len(u.features)] = u.features
-    return {
+    batch = {
         "features": torch.from_numpy(features),
         "lengths": torch.tensor([len(u.features) for u in utterances]),
         "targets": torch.tensor([t for u in utterances for t in u.targets]),
         "target_lengths": torch.tensor([len(u.targets) for u in utterances]),
         "duration": torch.tensor(sum(u.seconds for u in utterances)),
     }
+    if all(u.phone_targets for u in utterances):
+        batch["phone_targets"] = torch.tensor([t for u in utterances for t in u.phone_targets])
+        batch["phone_target_lengths"] = torch.tensor([len(u.phone_targets) for u in utterances])
+    return batch
 
 
 @torch.no_grad()
 def ctc_losses(model: nn.Module, batch: dict, vocabulary_size: int) -> torch.Tensor:
-    """Each utterance's CTC loss per target character (B,), in eval mode."""
+    """Each utterance's CTC loss per target character (B,), in eval mode; for a batch with phone targets, the mean of
+    that and the loss per target phone."""
     was_training = model.training
     model.eval()
-    log_probs, out_lengths, _ = model(batch["features"], batch["lengths"])
-    loss = nn.functional.ctc_loss(
-        log_probs[:, :, :vocabulary_size].transpose(0, 1),
-        batch["targets"],
-        out_lengths,
-        batch["target_lengths"],
-        reduction="none",
-        zero_infinity=True,
-    )
+    phones = "phone_targets" in batch
+    log_probs, out_lengths, _ = model(batch["features"], batch["lengths"], head="both" if phones else "chars")
+    log_probs = log_probs.transpose(0, 1)
+    losses = _per_unit_ctc(log_probs[:, :, :vocabulary_size], batch["targets"], out_lengths, batch["target_lengths"])
+    if phones:
+        phone_losses = _per_unit_ctc(log_probs[:, :, vocabulary_size:], batch["phone_targets"], out_lengths, batch["phone_target_lengths"])
+        losses = (losses + phone_losses) / 2
     model.train(was_training)
-    return loss / batch["target_lengths"].clamp_min(1)
+    return losses
+
+
+def _per_unit_ctc(log_probs: torch.Tensor, targets: torch.Tensor, out_lengths: torch.Tensor, target_lengths: torch.Tensor) -> torch.Tensor:
+    """log_probs (T, B, units) -> each utterance's CTC loss per target unit (B,)."""
+    loss = nn.functional.ctc_loss(log_probs, targets, out_lengths, target_lengths, reduction="none", zero_infinity=True)
+    return loss / target_lengths.clamp_min(1)
 
 
 class Lhuc(nn.Module):
@@ -249,6 +287,42 @@ def _readers(model: nn.Module, index: int) -> list[torch.Tensor]:
     return weights
 
 
+class InputTransform(nn.Module):
+    """An affine map A x + b of every normalised log-mel frame x (n_mels,) before the first layer (A = I, b = 0 at first):
+    a linear input network, the neural form of a speaker's feature-space transform."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        size = model.config.n_mels
+        self.stack = model.config.stack_frames
+        self.matrix = nn.Parameter(torch.eye(size))
+        self.shift = nn.Parameter(torch.zeros(size))
+        self._hook = model.layers[0].register_forward_pre_hook(self._transform)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, stack * n_mels) stacked frames -> the same with each frame mapped."""
+        frames = x.unflatten(-1, (self.stack, -1))
+        return (frames @ self.matrix.T + self.shift).flatten(-2)
+
+    def _transform(self, _module, inputs):
+        main, context, *rest = inputs
+        return (self.transform(main), self.transform(context), *rest)
+
+    def fold(self, model: nn.Module) -> None:
+        """Fold the map into the first layer's input weights and biases, and remove the hook."""
+        self._hook.remove()
+        with torch.no_grad():
+            for rnn in (model.layers[0].forward_rnn, model.layers[0].backward_rnn):
+                blocks = rnn.weight_ih_l0.unflatten(1, (self.stack, -1))  # (4 * hidden, stack, n_mels)
+                rnn.bias_ih_l0.add_(torch.einsum("hsn,n->h", blocks, self.shift))
+                rnn.weight_ih_l0.copy_((blocks @ self.matrix).flatten(1))
+
+
+def _biases(model: nn.Module) -> list[nn.Parameter]:
+    """The encoder's LSTM biases and the character output layer's."""
+    return [p for name, p in model.layers.named_parameters() if ".bias_" in name] + [model.output.bias]
+
+
 def speaker_normalisation(model: nn.Module, utterances: list[Utterance]) -> None:
     """Set the model's feature mean and standard deviation to those of the speaker's frames."""
     frames = np.concatenate([u.features for u in utterances])
@@ -260,59 +334,79 @@ class _Adapter:
 
     def __init__(self, bundle: ModelBundle, options: AdaptOptions, utterances: list[Utterance]) -> None:
         self.options = options
-        self.model = copy.deepcopy(bundle.model).float().train()
+        parts = options.parts
+        self.model = copy.deepcopy(bundle.model).float().train(options.dropout)
         self.vocabulary_size = len(bundle.vocabulary)
-        if "normalisation" in options.method:
+        if "normalisation" in parts:
             speaker_normalisation(self.model, utterances)
-        self.lhuc = Lhuc(self.model) if "lhuc" in options.method else None
-        trained = self._trained_parameters()
-        self.original = copy.deepcopy(bundle.model).float().eval() if options.method == "finetune" else None
-        optimizer = torch.optim.Adam(trained, lr=options.rate) if trained else None
+        self.model.requires_grad_("finetune" in parts)
+        self.lhuc = Lhuc(self.model) if "lhuc" in parts else None
+        self.lin = InputTransform(self.model) if "lin" in parts else None
+        groups = self._parameter_groups()
+        self.original = copy.deepcopy(bundle.model).float().eval() if options.kl else None
         self.step = None
-        if optimizer is not None:
+        if groups:
+            optimizer = torch.optim.Adam(groups)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
-            self.step = CTCStep(self.model, optimizer, scheduler, precision_named("float32"), self.vocabulary_size, 5.0)
+            augment = SpecAugment(freq_masks=1, time_masks=1) if options.specaugment else None
+            head = "both" if all(u.phone_targets for u in utterances) else "chars"  # the phones are what beam search reads
+            self.step = CTCStep(
+                self.model, optimizer, scheduler, precision_named("float32"), self.vocabulary_size, 5.0, head=head, augment=augment
+            )
 
-    def _trained_parameters(self) -> list[nn.Parameter]:
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(self.options.method == "finetune")
+    def _parameter_groups(self) -> list[dict]:
+        parts, groups = self.options.parts, []
+        if "finetune" in parts:
+            groups.append({"params": list(self.model.parameters()), "lr": self.options.rate("finetune")})
+        elif "bias" in parts:
+            biases = _biases(self.model)
+            for bias in biases:
+                bias.requires_grad_(True)
+            groups.append({"params": biases, "lr": self.options.rate("bias")})
         if self.lhuc is not None:
-            return [self.lhuc.amounts]
-        return list(self.model.parameters()) if self.options.method == "finetune" else []
+            groups.append({"params": [self.lhuc.amounts], "lr": self.options.rate("lhuc")})
+        if self.lin is not None:
+            groups.append({"params": list(self.lin.parameters()), "lr": self.options.rate("lin")})
+        return groups
 
     def kl_to_original(self, batch: dict) -> Callable:
-        """Per-frame KL(original || adapted) of ``batch``'s outputs, summed, times ``kl_weight`` (for finetune)."""
+        """Per-frame KL(original || adapted) of ``batch``'s outputs, summed, times the KL weight."""
         with torch.no_grad():
             reference, _, _ = self.original(batch["features"], batch["lengths"])
         reference = reference[:, :, : self.vocabulary_size].transpose(0, 1)
-        weight = self.options.kl_weight
+        weight = self.options.kl
 
         def loss(log_probs: torch.Tensor, out_lengths: torch.Tensor, _batch: dict) -> torch.Tensor:
+            if log_probs.shape[0] != reference.shape[0]:  # SpecAugment keeps lengths, so this does not happen
+                return log_probs.new_zeros(())
             mask = (torch.arange(log_probs.shape[0])[:, None] < out_lengths[None, :]).unsqueeze(-1)
             kl = reference.exp() * (reference - log_probs[:, :, : self.vocabulary_size])
             return weight * (kl * mask).sum()
 
         return loss
 
-    def run(self, batch: dict, steps: int, score: Callable[[int], None] | None = None, deadline: float = math.inf) -> int:
-        """Up to ``steps`` full-batch steps on ``batch``, calling ``score(step)`` every ``check_every``; the steps taken."""
+    def run(self, batch: dict, steps: int, score: Callable[[int], bool] | None = None, deadline: float = math.inf) -> int:
+        """Up to ``steps`` full-batch steps on ``batch``, calling ``score(step)`` every ``check_every`` (it returns
+        False to stop); the steps taken."""
         if self.step is None:
             return 0
         self.step.extra_loss = self.kl_to_original(batch) if self.original is not None else None
         taken = 0
-        while taken < steps and time.monotonic() < deadline:
-            self.step(batch)
-            taken += 1
-            if score is not None and taken % self.options.check_every == 0:
-                score(taken)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.options.seed)
+            while taken < steps and time.monotonic() < deadline:
+                self.step(batch)
+                taken += 1
+                if score is not None and taken % self.options.check_every == 0 and not score(taken):
+                    break
         return taken
 
     def result(self) -> nn.Module:
-        """The adapted model with the LHUC scales folded in (``run`` can no longer be called)."""
-        if self.lhuc is not None:
-            self.lhuc.fold(self.model)
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(True)
+        """The adapted model with the LHUC scales and input map folded in (``run`` can no longer be called)."""
+        for module in (self.lhuc, self.lin):
+            if module is not None:
+                module.fold(self.model)
+        self.model.requires_grad_(True)
         return self.model.eval()
 
 
@@ -344,23 +438,27 @@ def adapt(
     scores: dict[int, float] = {}
     search = _Adapter(bundle, options, fit)
 
-    def score(step: int) -> None:
+    def score(step: int) -> bool:
         scores[step] = float(ctc_losses(search.model, held_batch, vocabulary_size).mean())
         log(f"step {step}: held-out loss {scores[step]:.3f} per character (unadapted {before:.3f})")
+        best = min(scores, key=lambda s: (round(scores[s], 4), s))
+        return step - best < options.patience * options.check_every
 
     score(0)
-    search.run(fit_batch, options.max_steps, score, deadline=started + options.seconds)
+    search.run(fit_batch, options.max_steps, score, deadline=started + SEARCH_SHARE * options.seconds)
     best_step = min(scores, key=lambda s: (round(scores[s], 4), s))
-    if scores[best_step] > before or (best_step == 0 and options.method != "normalisation"):
+    if scores[best_step] > before or (best_step == 0 and options.parts != {"normalisation"}):
         raise AdaptationError(
             f"adaptation did not improve the held-out utterances (loss {before:.3f} per character unadapted, "
             f"{min(scores.values()):.3f} at best): nothing was written"
         )
     final = _Adapter(bundle, options, utterances)
-    final.run(collate_utterances(utterances), best_step, deadline=time.monotonic() + options.seconds)
+    steps = final.run(collate_utterances(utterances), best_step, deadline=started + options.seconds)  # fewer when time ran out
+    if steps == 0 and best_step > 0:
+        raise AdaptationError(f"the time budget ({options.seconds:.0f} s) ran out: give more seconds, or fewer or shorter utterances")
     adapted = ModelBundle(final.result(), bundle.feature_config, bundle.vocabulary, dict(bundle.metadata), bundle.phone_vocabulary)
     report = AdaptationReport(
-        options.method, len(utterances), round(sum(u.seconds for u in utterances), 1), len(held_out), best_step,
+        options.method, len(utterances), round(sum(u.seconds for u in utterances), 1), len(held_out), steps,
         round(before, 4), round(scores[best_step], 4), round(time.monotonic() - started, 1),
     )  # fmt: skip
     return adapted, report

@@ -778,10 +778,15 @@ def _add_adapt_options(p: argparse.ArgumentParser) -> None:
     from .adapt import METHODS
 
     p.add_argument("--model", default="bundled", help="model to adapt (default: the bundled one)")
-    p.add_argument("--method", choices=METHODS, default="lhuc", help="what adapts (default: LHUC scales, see docs/training.md)")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="lin+lhuc",
+        help="what adapts (default: an input feature transform and LHUC scales, see docs/training.md)",
+    )
     p.add_argument("--max-steps", type=int, default=40, help="steps tried; held-out utterances choose how many are kept")
     p.add_argument("--learning-rate", type=float, default=0.0, help="0: the method's default")
-    p.add_argument("--seconds", type=float, default=60.0, help="time budget for finding the number of steps")
+    p.add_argument("--seconds", type=float, default=55.0, help="time budget of the adaptation (default 55: about a minute in all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
 
