@@ -169,6 +169,8 @@ def test_a_bad_enrolment_never_replaces_a_good_model(tiny_model, tmp_path):
     output.write_bytes(b"the good model")
     with pytest.raises(AdaptationError, match="did not improve"):  # no step was scored better than none
         adapt_model_file(tiny_model, [str(speaker)], output, AdaptOptions(max_steps=1, check_every=2))
+    with pytest.raises(AdaptationError):  # no time for a step
+        adapt_model_file(tiny_model, [str(speaker)], output, AdaptOptions(seconds=0.001))
     assert output.read_bytes() == b"the good model"
 
 

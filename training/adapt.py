@@ -42,7 +42,7 @@ from .trainer import CTCStep
 
 PARTS = ("lhuc", "lin", "bias", "normalisation", "finetune")  # a method is one part or several joined by "+"
 METHODS = ("lhuc", "lin", "bias", "lin+lhuc", "bias+lhuc", "normalisation", "lhuc+normalisation", "finetune")
-LEARNING_RATES = {"lhuc": 0.05, "lin": 0.002, "bias": 0.01, "finetune": 5e-5, "normalisation": 0.0}  # the first part's
+LEARNING_RATES = {"lhuc": 0.05, "lin": 0.0005, "bias": 0.01, "finetune": 5e-5, "normalisation": 0.0}  # per part
 MIN_UTTERANCES, MAX_UTTERANCES = 3, 200
 SEARCH_SHARE = 0.55  # of the time budget: the refit on all the utterances takes about 1.4 times the search's best steps
 MAX_UTTERANCE_SECONDS = 30.0
@@ -386,16 +386,18 @@ class _Adapter:
         return loss
 
     def run(self, batch: dict, steps: int, score: Callable[[int], bool] | None = None, deadline: float = math.inf) -> int:
-        """Up to ``steps`` full-batch steps on ``batch``, calling ``score(step)`` every ``check_every`` (it returns
-        False to stop); the steps taken."""
+        """Up to ``steps`` full-batch steps on ``batch`` that end before ``deadline`` (by the last step's time), calling
+        ``score(step)`` every ``check_every`` (it returns False to stop); the steps taken."""
         if self.step is None:
             return 0
         self.step.extra_loss = self.kl_to_original(batch) if self.original is not None else None
-        taken = 0
+        taken, last = 0, 0.0
         with torch.random.fork_rng():
             torch.manual_seed(self.options.seed)
-            while taken < steps and time.monotonic() < deadline:
+            while taken < steps and time.monotonic() + last < deadline:  # no step that would end past the deadline
+                began = time.monotonic()
                 self.step(batch)
+                last = time.monotonic() - began
                 taken += 1
                 if score is not None and taken % self.options.check_every == 0 and not score(taken):
                     break

@@ -785,7 +785,12 @@ def _add_adapt_options(p: argparse.ArgumentParser) -> None:
         help="what adapts (default: an input feature transform and LHUC scales, see docs/training.md)",
     )
     p.add_argument("--max-steps", type=int, default=40, help="steps tried; held-out utterances choose how many are kept")
-    p.add_argument("--learning-rate", type=float, default=0.0, help="0: the method's default")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=0.0,
+        help="one rate for every part (default: each its own, 0.05 for LHUC, 5e-4 for the input map)",
+    )
     p.add_argument("--seconds", type=float, default=55.0, help="time budget of the adaptation (default 55: about a minute in all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
 
