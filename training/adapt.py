@@ -62,7 +62,7 @@ class AdaptOptions:
     max_steps: int = 40  # full-batch steps tried on the utterances not held out
     check_every: int = 4  # steps between held-out scores
     patience: int = 2  # the search stops after this many held-out scores without a new best
-    learning_rate: float = 0.0  # 0: the method's default (LEARNING_RATES of its first part)
+    learning_rate: float = 0.0  # one rate for every part; 0: each part its own (LEARNING_RATES)
     kl_weight: float = 0.0  # weight of the KL divergence to the original model's outputs (per frame); 0: 1 for finetune, else none
     specaugment: bool = False  # mask time and frequency bands of the enrolment features at each step
     dropout: bool = False  # the model's own dropout during the steps (off: the steps add no noise to a few utterances)
