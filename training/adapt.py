@@ -377,8 +377,6 @@ class _Adapter:
         weight = self.options.kl
 
         def loss(log_probs: torch.Tensor, out_lengths: torch.Tensor, _batch: dict) -> torch.Tensor:
-            if log_probs.shape[0] != reference.shape[0]:  # SpecAugment keeps lengths, so this does not happen
-                return log_probs.new_zeros(())
             mask = (torch.arange(log_probs.shape[0])[:, None] < out_lengths[None, :]).unsqueeze(-1)
             kl = reference.exp() * (reference - log_probs[:, :, : self.vocabulary_size])
             return weight * (kl * mask).sum()
@@ -420,6 +418,11 @@ def _split(utterances: list[Utterance], share: float) -> tuple[list[Utterance], 
     return [u for i, u in enumerate(utterances) if i not in held], [u for i, u in enumerate(utterances) if i in held]
 
 
+def _best_step(scores: dict[int, float]) -> int:
+    """The step with the lowest held-out loss (the earliest of equal ones, to 4 decimals)."""
+    return min(scores, key=lambda step: (round(scores[step], 4), step))
+
+
 def adapt(
     bundle: ModelBundle, utterances: list[Utterance], options: AdaptOptions = AdaptOptions(), log: Callable[[str], None] = lambda _: None
 ) -> tuple[ModelBundle, AdaptationReport]:
@@ -443,12 +446,11 @@ def adapt(
     def score(step: int) -> bool:
         scores[step] = float(ctc_losses(search.model, held_batch, vocabulary_size).mean())
         log(f"step {step}: held-out loss {scores[step]:.3f} per character (unadapted {before:.3f})")
-        best = min(scores, key=lambda s: (round(scores[s], 4), s))
-        return step - best < options.patience * options.check_every
+        return step - _best_step(scores) < options.patience * options.check_every
 
     score(0)
     search.run(fit_batch, options.max_steps, score, deadline=started + SEARCH_SHARE * options.seconds)
-    best_step = min(scores, key=lambda s: (round(scores[s], 4), s))
+    best_step = _best_step(scores)
     if scores[best_step] > before or (best_step == 0 and options.parts != {"normalisation"}):
         raise AdaptationError(
             f"adaptation did not improve the held-out utterances (loss {before:.3f} per character unadapted, "
