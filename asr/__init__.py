@@ -14,6 +14,7 @@ from .decoding import Alternative, Transcript, Word
 from .grammar import GrammarError
 from .punctuation import Punctuator, PunctuatorError, punctuate
 from .recognizer import BUNDLED_MODEL, DecodeOptions, Recognizer, load_model
+from .request import RequestOptions
 
 __version__ = "0.1.0"
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Punctuator",
     "PunctuatorError",
     "Recognizer",
+    "RequestOptions",
     "Transcript",
     "Word",
     "load_audio",

@@ -62,3 +62,81 @@ def offline_benchmark(recognizer: Recognizer, inputs: list[str]) -> dict:
         report |= {"punctuation_seconds": round(punctuating, 3), "punctuation_share": round(punctuating / wall, 4)}
     report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     return report
+
+
+# The parts of `Recognizer.transcribe` that `asr bench profile` times: (part, class, method) wrapped while it runs.
+PROFILED_PARTS = (
+    ("features", "asr.features.StreamingFeatures", "accept"),
+    ("acoustic model", "asr.encoder.ChunkedEncoder", "_run"),
+    ("search", "asr.lm.BeamSearchDecoder", "step"),
+    ("finals (N-best, reranking, LSTM LM)", "asr.lm.BeamSearchDecoder", "best"),
+    ("punctuation", "asr.punctuation.Punctuator", "punctuate_transcript"),
+)
+
+
+class _PartTimer:
+    """Wraps methods of classes so that each call's wall time adds to its part; ``restore`` puts them back."""
+
+    def __init__(self, parts=PROFILED_PARTS) -> None:
+        import importlib
+
+        self.seconds = {name: 0.0 for name, _, _ in parts}
+        self.calls = dict.fromkeys(self.seconds, 0)
+        self._originals = []
+        for name, path, method in parts:
+            module, cls_name = path.rsplit(".", 1)
+            cls = getattr(importlib.import_module(module), cls_name)
+            original = getattr(cls, method)
+            self._originals.append((cls, method, original))
+            setattr(cls, method, self._timed(name, original))
+
+    def _timed(self, name: str, original):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+                self.calls[name] += 1
+
+        return timed
+
+    def restore(self) -> None:
+        for cls, method, original in self._originals:
+            setattr(cls, method, original)
+
+
+def profile_transcription(recognizer: Recognizer, path: str) -> dict:
+    """Where `transcribe(path)` spends its time: wall seconds per part (``PROFILED_PARTS``; "other" is reading and
+    resampling the audio, segmenting and the rest), after one warm-up call on the same file."""
+    recognizer.transcribe(path)
+    timer = _PartTimer()
+    try:
+        start = time.perf_counter()
+        result = recognizer.transcribe(path)
+        wall = time.perf_counter() - start
+    finally:
+        timer.restore()
+    parts = [
+        {"part": name, "seconds": round(seconds, 3), "share": round(seconds / wall, 3), "calls": timer.calls[name]}
+        for name, seconds in timer.seconds.items()
+    ]
+    other = wall - sum(timer.seconds.values())
+    parts.append({"part": "other (audio reading, segmenting)", "seconds": round(other, 3), "share": round(other / wall, 3), "calls": 0})
+    return {
+        "file": str(path),
+        "audio_seconds": result.duration,
+        "wall_seconds": round(wall, 3),
+        "rtf": round(wall / max(result.duration, 1e-9), 4),
+        "decoder": recognizer.decoder_name,
+        "torch_threads": torch.get_num_threads(),
+        "parts": parts,
+    }
+
+
+def profile_table(report: dict) -> str:
+    """The profile as a text table."""
+    lines = [f"{report['file']}: {report['audio_seconds']:.1f} s of audio in {report['wall_seconds']:.2f} s (RTF {report['rtf']})"]
+    lines += [f"{'part':38s} {'seconds':>8s} {'share':>7s} {'calls':>7s}"]
+    lines += [f"{p['part']:38s} {p['seconds']:8.3f} {100 * p['share']:6.1f}% {p['calls']:7d}" for p in report["parts"]]
+    return "\n".join(lines)

@@ -118,11 +118,13 @@ class GrammarAutomaton:
         ends = [offset for config, offset in state if config in ("", START, GARBAGE) or config.rstrip(" ") in self.phrases]
         return min(ends, default=FORBIDDEN)
 
-    def label(self, words: Sequence[str], partial: bool = False) -> list[tuple[int, int, str]]:
+    def label(self, words: Sequence[str], partial: bool = False, unfinished: bool = False) -> list[tuple[int, int, str]]:
         """Parse decoded words into spans ``(first, end, kind)``: kind "phrase", "unk" (garbage) or "prefix".
 
         The parse has the fewest garbage characters. With ``partial`` (an utterance still in progress), the last span
         may be the start of a phrase, its last word possibly unfinished ("prefix"; ``end`` excludes such a word).
+        With ``unfinished`` (a final result), the last span may be the first whole words of a phrase ("prefix"): the
+        best reading of audio that ended inside a phrase, as Kaldi's decoder gives it when no state is final.
         """
         n = len(words)
         best: list[tuple[int, int] | None] = [None] * (n + 1)  # (garbage characters, spans) per position
@@ -142,14 +144,10 @@ class GrammarAutomaton:
                 span = tuple(words[i:j])
                 if span in self.phrase_words:
                     offer(i, j, j, "phrase", 0)
-                if partial and j == n:
-                    if span in self.word_prefixes:
-                        offer(i, j, j, "prefix", 0)
-                    elif span[:-1] in self.word_prefixes and any(
-                        len(p) > len(span) - 1 and p[: len(span) - 1] == span[:-1] and p[len(span) - 1].startswith(span[-1])
-                        for p in self.phrase_words
-                    ):
-                        offer(i, j, j - 1, "prefix", 0)
+                if (partial or unfinished) and j == n and span in self.word_prefixes:
+                    offer(i, j, j, "prefix", 0)
+                elif partial and j == n and self._unfinished_word(span):
+                    offer(i, j, j - 1, "prefix", 0)
                 if span not in self.word_prefixes:
                     break
         spans = []
@@ -159,3 +157,10 @@ class GrammarAutomaton:
             spans.append((start, shown, kind))
             end = start
         return spans[::-1]
+
+    def _unfinished_word(self, span: tuple[str, ...]) -> bool:
+        """Whether ``span`` is the start of a phrase whose last word is still being spoken (a prefix of the phrase's word)."""
+        done, last = span[:-1], span[-1]
+        return done in self.word_prefixes and any(
+            len(p) > len(done) and p[: len(done)] == done and p[len(done)].startswith(last) for p in self.phrase_words
+        )

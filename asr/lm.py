@@ -1,9 +1,9 @@
-"""Beam-search CTC decoding with a lexicon and a word n-gram language model (torchaudio's ctc_decoder).
+"""Beam-search CTC decoding with a lexicon and a word n-gram language model (flashlight-text's decoder, ``asr.flashlight``).
 
 A language-model folder holds ``decoder.json`` (file names and tuned decoder settings), ``lexicon.txt``
 (word -> characters) and a KenLM model (``lm.bin`` or ``lm.arpa``); optionally also a phone lexicon (word ->
 ARPAbet phones, ``lexicon-phones.txt``) with its own tuned settings, for models with a phone output layer.
-torchaudio is imported lazily: it needs a torch build it matches, and the greedy decoder works without it.
+flashlight-text is imported lazily: the greedy decoder works without it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import flashlight
 from .decoding import Alternative, Transcript, Word
 from .grammar import UNK, Grammar, GrammarAutomaton
 from .nnlm import NeuralLM
@@ -29,7 +31,7 @@ LEXICON_FILE = "lexicon.txt"
 PHONE_LEXICON_FILE = "lexicon-phones.txt"
 LSTM_FILE = "lstm.pt"  # the LSTM language model that rescores final hypotheses (asr.nnlm)
 UNITS = ("chars", "phones")
-BLANK_SYMBOL, WORD_BOUNDARY = "-", "|"  # how torchaudio's decoder names our blank and space tokens
+BLANK_SYMBOL, WORD_BOUNDARY = "-", "|"  # how the search names our blank and space tokens
 UNK_WORD = "<unk>"
 KENLM_BINARY_MAGIC = b"mmap lm http://kheafield.com/code"
 HOTWORD_BONUS = 8.0  # added to the LM score of each hotword, in natural-log units before lm_weight
@@ -154,16 +156,12 @@ class LanguageModel:
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _torchaudio_decoder():
-    """torchaudio's flashlight decoder module and its LM base class (imported lazily, with a clear error)."""
+def _flashlight(call: Callable, *args, **kwargs):
+    """``call`` from ``asr.flashlight``; flashlight-text missing is a LanguageModelError that says what to do."""
     try:
-        from torchaudio.models.decoder import CTCDecoderLM, _ctc_decoder
-    except (ImportError, OSError, RuntimeError) as error:
-        raise LanguageModelError(
-            f"beam-search decoding needs torchaudio with flashlight-text ({error}); "
-            "install a torchaudio that matches your torch and `pip install flashlight-text`, or use --decoder greedy"
-        ) from error
-    return _ctc_decoder, CTCDecoderLM
+        return call(*args, **kwargs)
+    except flashlight.FlashlightUnavailable as error:
+        raise LanguageModelError(f"{error}, or use --decoder greedy") from None
 
 
 def _pronounced(words: list[str]) -> dict[str, list[list[str]]]:
@@ -181,9 +179,8 @@ def _pronounced(words: list[str]) -> dict[str, list[list[str]]]:
 
 def _hotword_lm(base_lm, word_ids: set[int], bonus: float):
     """Wrap a KenLM so that completing a hotword adds ``bonus`` to its score."""
-    _, CTCDecoderLM = _torchaudio_decoder()
 
-    class HotwordLM(CTCDecoderLM):
+    class HotwordLM(flashlight.lm_base()):
         def __init__(self) -> None:
             super().__init__()
             self.base = base_lm
@@ -205,11 +202,7 @@ def _grammar_lm(automaton: GrammarAutomaton, chars: list[str]):
     """A character-level "language model" that walks a grammar's automaton (one LM state per automaton state)."""
     import threading
 
-    from torchaudio.models.decoder import CTCDecoderLMState
-
-    _, CTCDecoderLM = _torchaudio_decoder()
-
-    class GrammarLM(CTCDecoderLM):
+    class GrammarLM(flashlight.lm_base()):
         def __init__(self) -> None:
             super().__init__()
             self._states: dict = {}  # automaton state -> LM state; equal states merge hypotheses in the search
@@ -221,7 +214,7 @@ def _grammar_lm(automaton: GrammarAutomaton, chars: list[str]):
         def _state(self, key):
             with self._lock:
                 if key not in self._states:
-                    state = CTCDecoderLMState()
+                    state = flashlight.new_lm_state()
                     self._keys[state] = key
                     self._states[key] = state
                 return self._states[key]
@@ -293,66 +286,57 @@ class BeamSearchDecoder:
         char_vocabulary: Vocabulary | None = None,
         neural_lm: NeuralLM | None = None,
     ) -> None:
-        flashlight, _ = _torchaudio_decoder()
         self.vocabulary = vocabulary
         self.char_vocabulary = char_vocabulary
         self.units = lm.units if lm is not None and grammar is None else "chars"
         self.settings = settings or (lm.settings if lm else DecoderSettings())
-        tokens = [BLANK_SYMBOL if t == vocabulary.tokens[0] else WORD_BOUNDARY if t == " " else t for t in vocabulary.tokens]
         self.grammar = grammar
         self.automaton = GrammarAutomaton(grammar, self.settings.unk_penalty, self.settings.empty_penalty) if grammar is not None else None
         if grammar is not None:
             lm, hotwords = None, ()
         self.neural_lm = neural_lm if lm is not None else None
         self.hotwords = sorted({w for phrase in hotwords for w in normalize_text(phrase).split()})
-        s = self.settings
-        tokens_dict = flashlight._Dictionary(tokens)
-        silence, blank = tokens_dict.get_index(WORD_BOUNDARY), tokens_dict.get_index(BLANK_SYMBOL)
-        common = dict(
+        # The lexicon trie and LM are built once here (seconds for a 100k-word lexicon); fork() starts another search
+        # over them.
+        self._searches = _flashlight(self._search_factory, lm)
+        self._search_state = self._searches.new()
+
+    def _search_factory(self, lm: LanguageModel | None) -> flashlight.SearchFactory:
+        vocabulary, s = self.vocabulary, self.settings
+        tokens = flashlight.Tokens(
+            [BLANK_SYMBOL if t == vocabulary.tokens[0] else WORD_BOUNDARY if t == " " else t for t in vocabulary.tokens]
+        )
+        silence, blank = tokens.index(WORD_BOUNDARY), tokens.index(BLANK_SYMBOL)
+        options = flashlight.SearchOptions(
             beam_size=s.beam_size,
-            beam_size_token=min(s.beam_size_token, len(tokens)),
+            beam_size_token=min(s.beam_size_token, tokens.size),
             beam_threshold=s.beam_threshold,
             lm_weight=s.lm_weight,
-            sil_score=0.0,
-            log_add=False,
-            criterion_type=flashlight._CriterionType.CTC,
+            word_score=s.word_score,
+            unk_score=s.unk_score,
         )
-        # What torchaudio's ctc_decoder() builds, kept apart so that fork() can start another search over the
-        # same lexicon trie and LM without rebuilding them (seconds for a 60k-word lexicon).
+        if lm is None and self.automaton is not None:
+            # log-add: a grammar's hypotheses are scored by the sum over their alignments (the CTC posterior), which
+            # beats the best alignment alone on short words (fsdd dev digits: 31 vs 36 errors in 300)
+            grammar_options = replace(options, lm_weight=1.0, log_add=True)
+            return flashlight.lexicon_free_search(_grammar_lm(self.automaton, list(vocabulary.tokens)), grammar_options, silence, blank)
         if lm is None:
-            if self.automaton is not None:
-                # log-add: a grammar's hypotheses are scored by the sum over their alignments (the CTC posterior), which
-                # beats the best alignment alone on short words (fsdd dev digits: 31 vs 36 errors in 300)
-                options = flashlight._LexiconFreeDecoderOptions(**{**common, "lm_weight": 1.0, "log_add": True})
-                language_model = _grammar_lm(self.automaton, list(vocabulary.tokens))
+            return flashlight.lexicon_free_search(flashlight.zero_lm(), options, silence, blank)
+        try:
+            lexicon = flashlight.load_lexicon(str(lm.lexicon_file))
+            missing = [w for w in self.hotwords if w not in lexicon]
+            if self.units == "phones":
+                lexicon.update(_pronounced(missing))
             else:
-                options = flashlight._LexiconFreeDecoderOptions(**common)
-                language_model = flashlight._ZeroLM()
-            word_dict = flashlight._get_word_dict(None, None, None, tokens_dict, UNK_WORD)
-            self._new_search = lambda: flashlight._LexiconFreeDecoder(options, language_model, silence, blank, [])
-        else:
-            try:
-                lexicon = flashlight._load_words(str(lm.lexicon_file))
-                missing = [w for w in self.hotwords if w not in lexicon]
-                if self.units == "phones":
-                    lexicon.update(_pronounced(missing))
-                else:
-                    lexicon.update({word: [spell(word).split()] for word in missing})
-                options = flashlight._LexiconDecoderOptions(word_score=s.word_score, unk_score=s.unk_score, **common)
-                word_dict = flashlight._get_word_dict(lexicon, str(lm.model_file), None, tokens_dict, UNK_WORD)
-                language_model = flashlight._KenLM(str(lm.model_file), word_dict)
-                if self.hotwords:
-                    ids = {word_dict.get_index(w) for w in self.hotwords if w in lexicon}
-                    language_model = _hotword_lm(language_model, ids, s.hotword_bonus)
-                trie = flashlight._construct_trie(tokens_dict, word_dict, lexicon, language_model, silence)
-            except (RuntimeError, ValueError, OSError) as error:  # flashlight raises RuntimeError for unreadable files
-                raise LanguageModelError(f"cannot load language model {lm.folder}: {error}") from error
-            unknown = word_dict.get_index(UNK_WORD)
-            self._new_search = lambda: flashlight._LexiconDecoder(options, trie, language_model, silence, blank, unknown, [], False)
-        decoder = object.__new__(flashlight.CTCDecoder)  # torchaudio's wrapper: turns search results into hypotheses
-        decoder.nbest, decoder.word_dict, decoder.tokens_dict, decoder.blank, decoder.lm = 1, word_dict, tokens_dict, blank, language_model
-        decoder.decoder = self._new_search()
-        self._decoder = decoder
+                lexicon.update({word: [spell(word).split()] for word in missing})
+            words = flashlight.word_dictionary(lexicon)
+            language_model = flashlight.kenlm(str(lm.model_file), words)
+            if self.hotwords:
+                ids = {words.get_index(w) for w in self.hotwords if w in lexicon}
+                language_model = _hotword_lm(language_model, ids, s.hotword_bonus)
+            return flashlight.lexicon_search(tokens, lexicon, words, language_model, options, silence, blank, UNK_WORD)
+        except (RuntimeError, ValueError, OSError) as error:  # flashlight raises RuntimeError for unreadable files
+            raise LanguageModelError(f"cannot load language model {lm.folder}: {error}") from error
 
     def fork(self, rescore: bool = True) -> BeamSearchDecoder:
         """A decoder with its own search state over this one's lexicon and LM: one per concurrent stream (cheap).
@@ -361,8 +345,7 @@ class BeamSearchDecoder:
         clone = copy.copy(self)
         if not rescore:
             clone.neural_lm = None
-        clone._decoder = copy.copy(self._decoder)
-        clone._decoder.decoder = self._new_search()
+        clone._search_state = self._searches.new()
         return clone
 
     def decode(
@@ -407,16 +390,16 @@ class BeamSearchDecoder:
         emissions = log_probs.detach().float().cpu().contiguous()
         if emissions.shape[0] == 0:
             return emissions, None
-        return emissions, self._decoder.decoder.decode(emissions.data_ptr(), emissions.shape[0], emissions.shape[1])
+        return emissions, self._search_state.decode(emissions)
 
     def begin(self) -> None:
         """Start incremental decoding of a new utterance (``step`` ... ``end``)."""
-        self._decoder.decode_begin()
+        self._search_state.begin()
 
     def step(self, log_probs: torch.Tensor) -> None:
         """Feed the next frames (frames, vocab) of the current utterance."""
         if log_probs.shape[0]:
-            self._decoder.decode_step(log_probs.detach().float().cpu().contiguous())
+            self._search_state.step(log_probs.detach().float().cpu().contiguous())
 
     def best(
         self,
@@ -433,8 +416,8 @@ class BeamSearchDecoder:
         Before ``final``, a grammar's hypothesis shows only the words it has finished (a prefix of its phrases).
         """
         if final:
-            self._decoder.decode_end()
-        results = self._decoder.decoder.get_all_final_hypothesis()
+            self._search_state.end()
+        results = self._search_state.results()
         if not results or emissions.shape[0] == 0:
             return Transcript("", [], 0.0)
         emissions = emissions.detach().float().cpu()
@@ -468,10 +451,10 @@ class BeamSearchDecoder:
     def _plain(self, results, emissions: torch.Tensor, frame_shift: float, offset: float, alternatives: int, partial: bool) -> Transcript:
         """The search's best hypothesis, and its N-best texts by their summed probability (not reranked)."""
         best = max(results, key=lambda r: r.score)
-        transcript = self._to_transcript(self._decoder._to_hypo([best])[0], emissions, frame_shift, offset, partial)
+        transcript = self._to_transcript(self._searches.hypotheses([best])[0], emissions, frame_shift, offset, partial)
         if alternatives > 0:
             texts: dict[str, tuple[list[float], Transcript]] = {}
-            for result, hypothesis in sorted(zip(results, self._decoder._to_hypo(results)), key=lambda pair: -pair[0].score):
+            for result, hypothesis in sorted(zip(results, self._searches.hypotheses(results)), key=lambda pair: -pair[0].score):
                 candidate = self._to_transcript(hypothesis, emissions, frame_shift, offset, partial)
                 texts.setdefault(candidate.text, ([], candidate))[0].append(result.score)
             total = _logsumexp([r.score for r in results])
@@ -488,7 +471,7 @@ class BeamSearchDecoder:
         """The ``settings.rescored_texts`` best distinct texts of a search: text -> (log-sum of its hypotheses' scores, the best)."""
         ranked = sorted(results, key=lambda r: -r.score)
         texts: dict[str, tuple[list[float], object]] = {}
-        for result, hypothesis in zip(ranked, self._decoder._to_hypo(ranked)):
+        for result, hypothesis in zip(ranked, self._searches.hypotheses(ranked)):
             text = " ".join(w for w in hypothesis.words if w != UNK_WORD)
             if text not in texts and len(texts) == self.settings.rescored_texts:
                 continue
@@ -556,8 +539,7 @@ class BeamSearchDecoder:
         With characters a word is its tokens between word boundaries; with phones the words come from the lexicon
         decoder's word sequence, in the same order as their phone groups.
         """
-        tokens = hypothesis.tokens.tolist()
-        steps = hypothesis.timesteps.tolist()
+        tokens, steps = hypothesis.tokens, hypothesis.timesteps
         words: list[Word] = []
         ids: list[int] = []
         id_steps: list[int] = []
@@ -595,7 +577,9 @@ class BeamSearchDecoder:
         """Decoded words parsed into the grammar's phrases; garbage runs become one "[unk]" (or nothing without it)."""
         out: list[Word] = []
         previous = ""
-        for first, end, kind in self.automaton.label([w.text for w in words], partial):
+        # a final without "[unk]" keeps an unfinished phrase: the best reading rather than nothing (vosk-server does the same)
+        unfinished = not partial and not self.grammar.unk
+        for first, end, kind in self.automaton.label([w.text for w in words], partial, unfinished):
             if kind != "unk":
                 out.extend(words[first:end])
             elif self.grammar.unk:

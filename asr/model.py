@@ -312,8 +312,3 @@ class CTCModel(nn.Module):
         """Size of the last dimension of the log-probs that ``forward`` returns for ``head``."""
         widths = {"chars": self.config.vocab_size, "phones": self.config.phone_vocab_size}
         return widths[head] if head in widths else sum(widths.values())
-
-    @property
-    def frame_shift_frames(self) -> int:
-        """10 ms feature frames per model frame."""
-        return self.config.stack_frames

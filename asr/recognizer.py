@@ -14,14 +14,15 @@ import torch
 
 from .audio import READ_BLOCK_SECONDS, SAMPLE_RATE, AudioSource, iter_audio, prepare_array
 from .checkpoint import ModelBundle, load_model_file
-from .decoding import Alternative, Segment, Transcript, check_alternatives, greedy_decode
+from .decoding import Alternative, Segment, Transcript, greedy_decode
 from .encoder import ChunkedEncoder
 from .features import LogMelExtractor, StreamingFeatures
 from .grammar import Grammar
 from .lm import BeamSearchDecoder, DecoderSettings, LanguageModel, LanguageModelError
 from .nnlm import NeuralLM, NeuralLMError
 from .punctuation import Punctuator, load_punctuator
-from .segmenter import SegmentDecoder, SegmentOptions, join_segments
+from .request import Request, RequestOptions
+from .segmenter import OutputLayout, SegmentDecoder, SegmentOptions, SegmentSearch, join_segments
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "en-bilstm-ctc.pt"
 BUNDLED_LM = Path(__file__).parent / "models" / "en-lm"
@@ -59,11 +60,14 @@ class DecodeOptions:
         if self.grammar is not None:
             Grammar.parse(self.grammar)  # GrammarError (a ValueError) for an empty or unspellable grammar
             object.__setattr__(self, "grammar", tuple(self.grammar))
-            if self.hotwords:
-                raise ValueError("give a grammar or hotwords, not both")
-        check_alternatives(self.alternatives)
+        self.request  # noqa: B018 - RequestOptions checks hotwords, grammar, alternatives and the flags
         if self.units not in UNIT_CHOICES:
             raise ValueError(f"units must be one of {UNIT_CHOICES}, got {self.units!r}")
+
+    @property
+    def request(self) -> RequestOptions:
+        """The recogniser's own request settings: what a request that leaves a setting None gets."""
+        return RequestOptions(tuple(self.hotwords) or None, self.grammar, self.alternatives, self.lstm, self.punctuate)
 
 
 class Recognizer:
@@ -94,6 +98,7 @@ class Recognizer:
         # with phones the model computes both output layers: grammars and greedy decoding read the characters
         self.head = "both" if self.units == "phones" else "chars"
         self.beam_vocabulary = bundle.phone_vocabulary if self.units == "phones" else self.vocabulary
+        self.layout = OutputLayout(len(self.vocabulary), phones=self.head == "both")
         base = self.language_model.settings if self.language_model else DecoderSettings()
         self.grammar_settings = DecoderSettings.from_dict({**base.to_dict(), **options.settings})  # beam size etc.
         self.decoder_settings = self.grammar_settings if self.decoder_name == "beam" else None
@@ -150,30 +155,54 @@ class Recognizer:
 
     def select(self, log_probs: torch.Tensor, phones: bool) -> torch.Tensor:
         """The characters' or the phones' part of log-probs (frames, vocab) computed by this recogniser's ``head``."""
-        if self.head == "chars":
-            return log_probs
-        chars = len(self.vocabulary)
-        return log_probs[:, chars:] if phones else log_probs[:, :chars]
+        return self.layout.select(log_probs, phones)
 
     def parse_grammar(self, phrases: GrammarLike) -> Grammar:
         """A grammar checked against this model's characters (GrammarError, a ValueError, if unusable)."""
         return phrases if isinstance(phrases, Grammar) else Grammar.parse(phrases, self.vocabulary.tokens)
 
-    def resolve_grammar(self, grammar: GrammarLike | None) -> Grammar | None:
-        """The grammar to decode with: ``grammar`` (parsed), or by default the recogniser's own (or None)."""
-        return self.grammar if grammar is None else self.parse_grammar(grammar)
+    def resolve(self, request: RequestOptions | None = None) -> Request:
+        """A request with every setting decided: what ``request`` leaves None is the recogniser's own (the one place
+        where that is worked out). A grammar is parsed against the model's characters (GrammarError if unusable)."""
+        request = request or RequestOptions()
+        own = self.options
+        if request.grammar is not None:
+            grammar = self.parse_grammar(request.grammar)
+        else:
+            grammar = self.grammar
+        return Request(
+            hotwords=own.hotwords if request.hotwords is None else request.hotwords,
+            grammar=grammar,
+            alternatives=own.alternatives if request.alternatives is None else request.alternatives,
+            lstm=True if request.lstm is None else request.lstm,
+            punctuate=own.punctuate if request.punctuate is None else request.punctuate,
+        )
 
-    def beam_decoder(self, hotwords: tuple[str, ...] | list[str] = (), grammar: Grammar | None = None) -> BeamSearchDecoder:
+    def beam_decoder(self, request: Request) -> BeamSearchDecoder:
         """A decoder for the calling thread to decode whole utterances with (flashlight decoders keep search state)."""
         decoders = self._local.__dict__.setdefault("decoders", collections.OrderedDict())
-        key = grammar if grammar is not None else tuple(hotwords)
+        key = request.grammar if request.grammar is not None else request.hotwords
         decoder = decoders.pop(key, None)
         if decoder is None:
-            decoder = self.stream_decoder(key) if grammar is None else self.stream_decoder(grammar=grammar)
+            decoder = self._search_for(request)
         decoders[key] = decoder
         while len(decoders) > MAX_HOTWORD_LISTS:
             decoders.popitem(last=False)
         return decoder
+
+    def _search_for(self, request: Request) -> BeamSearchDecoder | None:
+        """A beam search of its own for ``request``: over its grammar, or with its hotwords; None for greedy decoding."""
+        if request.grammar is not None:
+            return self.stream_decoder(grammar=request.grammar)
+        if self.decoder_name == "beam":
+            return self.stream_decoder(request.hotwords, lstm=request.lstm)
+        return None
+
+    def segment_search(self, request: Request) -> SegmentSearch:
+        """How one stream of ``request`` decodes its segments (a search of its own, or greedy)."""
+        search = self._search_for(request)
+        phones = search is not None and request.grammar is None and self.units == "phones"
+        return SegmentSearch(search, self.vocabulary, self.layout, self.frame_shift, phones, request.alternatives)
 
     def stream_decoder(
         self, hotwords: tuple[str, ...] | list[str] = (), grammar: Grammar | None = None, lstm: bool = True
@@ -229,7 +258,7 @@ class Recognizer:
         (for tuning: each segment of those frames decoded alone is what ``transcribe`` gives)."""
         features = StreamingFeatures(self.extractor)
         encoder = self.new_encoder()
-        decoder = SegmentDecoder(self, encoder, self.options.segmentation, record_spans=True)
+        decoder = SegmentDecoder(self.segment_search(self.resolve()), encoder, self.options.segmentation, record_spans=True)
         outputs = []
         for block in blocks:
             outputs.append(encoder.accept(features.accept(block)))
@@ -239,30 +268,24 @@ class Recognizer:
         decoder.finish()
         return torch.cat(outputs), decoder.spans
 
-    def decode(
-        self,
-        log_probs: torch.Tensor,
-        hotwords: tuple[str, ...] | list[str] | None = None,
-        grammar: GrammarLike | None = None,
-        alternatives: int | None = None,
-    ) -> Transcript:
+    def decode(self, log_probs: torch.Tensor, request: RequestOptions | None = None, **settings) -> Transcript:
         """log_probs (frames, vocab) from ``log_probs`` -> Transcript with the configured decoder, or over a grammar.
 
-        A grammar always decodes with beam search over its phrases, whatever the decoder. N-best ``alternatives``
-        come from beam search; the greedy decoder considers one hypothesis: its only alternative has confidence 1.
+        ``request``, or its fields as keywords (``hotwords``, ``grammar``, ``alternatives``, ...), defaults to the
+        recogniser's own. A grammar always decodes with beam search over its phrases, whatever the decoder. N-best
+        ``alternatives`` come from beam search; the greedy decoder considers one hypothesis: its only alternative has
+        confidence 1.
         """
-        if hotwords is not None and grammar is not None:
-            raise ValueError("give a grammar or hotwords, not both")
-        grammar = self.resolve_grammar(grammar)
-        alternatives = check_alternatives(self.options.alternatives if alternatives is None else alternatives)
-        if grammar is not None:
-            return self.beam_decoder(grammar=grammar).decode(self.select(log_probs, False), self.frame_shift, alternatives=alternatives)
+        request = self.resolve(_request(request, settings))
+        alternatives = request.alternatives
+        if request.grammar is not None:
+            return self.beam_decoder(request).decode(self.select(log_probs, False), self.frame_shift, alternatives=alternatives)
         if self.decoder_name == "greedy":
             transcript = greedy_decode(self.select(log_probs, False), self.vocabulary, self.frame_shift)
             if alternatives:
                 transcript.alternatives = [Alternative(transcript.text, 1.0, list(transcript.words))]
             return transcript
-        decoder = self.beam_decoder(self.options.hotwords if hotwords is None else hotwords)
+        decoder = self.beam_decoder(request)
         if self.units == "phones":
             chars = self.select(log_probs, False)
             return decoder.decode(self.select(log_probs, True), self.frame_shift, alternatives=alternatives, char_log_probs=chars)
@@ -272,51 +295,41 @@ class Recognizer:
         self,
         audio: AudioSource | np.ndarray,
         sample_rate: int | None = None,
-        hotwords: list[str] | None = None,
-        grammar: GrammarLike | None = None,
-        alternatives: int | None = None,
         progress: Callable[[float], None] | None = None,
-        punctuate: bool | None = None,
+        request: RequestOptions | None = None,
+        **settings,
     ) -> Transcript:
         """Transcribe a path, encoded bytes, or an array (samples,)/(samples, channels) at ``sample_rate``.
 
         The recording is read block by block and decoded segment by segment (``asr.segmenter``), exactly as streaming
         recognition decodes it, so memory follows the longest segment, not the recording.
-        ``hotwords``: words or phrases to favour in beam search (default: the recogniser's own).
-        ``grammar``: phrases (and optionally "[unk]") that the output is restricted to (default: the recogniser's own).
-        ``alternatives``: N-best entries wanted in ``Transcript.alternatives`` (default: the recogniser's own, 0).
+        ``request`` (``RequestOptions``), or its fields as keywords, defaults to the recogniser's own:
+        ``hotwords`` (words or phrases to favour in beam search), ``grammar`` (phrases, and optionally "[unk]", that
+        the output is restricted to), ``alternatives`` (N-best entries in ``Transcript.alternatives``), ``lstm``,
+        ``punctuate`` (also the words cased and punctuated in ``Transcript.formatted_words``; ``text`` stays as
+        recognised).
         ``progress``: called with the seconds of audio done so far, after each block.
-        ``punctuate``: also give the words cased and punctuated (``Transcript.formatted_words``; ``text`` stays as
-        recognised). Default: the recogniser's own (on).
         """
-        if hotwords is not None and grammar is not None:
-            raise ValueError("give a grammar or hotwords, not both")
-        grammar = self.resolve_grammar(grammar)  # errors before the audio is read
-        alternatives = check_alternatives(self.options.alternatives if alternatives is None else alternatives)
-        punctuator = self.punctuator if (self.options.punctuate if punctuate is None else punctuate) else None
+        resolved = self.resolve(_request(request, settings))  # errors before the audio is read
+        punctuator = self.punctuator if resolved.punctuate else None
         if isinstance(audio, np.ndarray | torch.Tensor):
             signal = prepare_array(np.asarray(audio), sample_rate)
             step = READ_BLOCK_SECONDS * SAMPLE_RATE
             blocks: Iterable[np.ndarray] = (signal[i : i + step] for i in range(0, len(signal), step))
         else:
             blocks = iter_audio(audio)
-        segments, seconds = self._decode_segments(blocks, hotwords, grammar, alternatives, progress)
-        transcript = join_segments(segments, round(seconds, 3), alternatives)
+        segments, seconds = self._decode_segments(blocks, resolved, progress)
+        transcript = join_segments(segments, round(seconds, 3), resolved.alternatives)
         return transcript if punctuator is None else punctuator.punctuate_transcript(transcript)
 
     @torch.inference_mode()
     def _decode_segments(
-        self,
-        blocks: Iterable[np.ndarray],
-        hotwords: list[str] | None,
-        grammar: Grammar | None,
-        alternatives: int,
-        progress: Callable[[float], None] | None,
+        self, blocks: Iterable[np.ndarray], request: Request, progress: Callable[[float], None] | None
     ) -> tuple[list[Segment], float]:
         """16 kHz blocks -> (the recording's segments with words, its duration in seconds)."""
         features = StreamingFeatures(self.extractor)
         encoder = self.new_encoder()
-        decoder = SegmentDecoder(self, encoder, self.options.segmentation, hotwords, grammar, alternatives)
+        decoder = SegmentDecoder(self.segment_search(request), encoder, self.options.segmentation)
         segments: list[Segment] = []
         samples = 0
         for block in blocks:
@@ -327,6 +340,13 @@ class Recognizer:
         segments += decoder.add(encoder.flush())
         segments += decoder.finish()
         return segments, samples / SAMPLE_RATE
+
+
+def _request(request: RequestOptions | None, settings: dict) -> RequestOptions:
+    """A request given whole, or as keywords (``hotwords=...``), not both."""
+    if request is not None and settings:
+        raise ValueError("give a RequestOptions or its settings as keywords, not both")
+    return request if request is not None else RequestOptions(**settings)
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | None = None, options: DecodeOptions = DecodeOptions()) -> Recognizer:

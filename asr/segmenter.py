@@ -17,16 +17,14 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .decoding import Alternative, Segment, Transcript, Word, check_alternatives, greedy_decode
 from .encoder import ChunkedEncoder
 from .endpoint import MAX_SEGMENT_SECONDS, PAUSE_SECONDS, QUIET_SEARCH_SECONDS, quietest_frame
-
-if TYPE_CHECKING:
-    from .recognizer import GrammarLike, Recognizer
+from .lm import BeamSearchDecoder
+from .text import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -44,45 +42,69 @@ class SegmentOptions:
             raise ValueError(f"max_segment must be longer than {QUIET_SEARCH_SECONDS / 2} s")
 
 
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where the characters and phones are in the encoder's log-probs (frames, vocab): the characters' ``chars``
+    columns, then the phones' when the model computes both (``phones``)."""
+
+    chars: int
+    phones: bool = False
+
+    def characters(self, log_probs: torch.Tensor) -> torch.Tensor:
+        return log_probs[:, : self.chars] if self.phones else log_probs
+
+    def select(self, log_probs: torch.Tensor, phones: bool) -> torch.Tensor:
+        """The phones' columns (``phones``) or the characters'."""
+        return log_probs[:, self.chars :] if phones else self.characters(log_probs)
+
+
+@dataclass(frozen=True)
+class SegmentSearch:
+    """How a stream's segments are decoded: ``search`` (a beam search of its own, from ``BeamSearchDecoder.fork``) or
+    None for greedy decoding of ``vocabulary``; ``phones``: the search reads the phones' columns (and reranks its
+    finals with the characters'); ``alternatives``: N-best entries per final segment."""
+
+    search: BeamSearchDecoder | None
+    vocabulary: Vocabulary  # the characters (greedy decoding)
+    layout: OutputLayout
+    frame_shift: float  # seconds per model frame
+    phones: bool = False
+    alternatives: int = 0
+
+    def __post_init__(self) -> None:
+        check_alternatives(self.alternatives)
+        if self.phones and (self.search is None or not self.layout.phones):
+            raise ValueError("a phone search needs a beam search and a model with a phone output layer")
+
+
 class SegmentDecoder:
     """Log-probs (frames, vocab) of one stream in (``add``), finished ``Segment``s out; ``finish`` at the end.
 
-    ``hotwords``, ``grammar`` and ``alternatives`` (N-best entries per segment) default to the recogniser's own.
+    ``decoding`` says how segments are searched (``Recognizer.segment_search`` resolves a request into one).
     ``encoder`` is the stream's encoder: its pauses end segments, and its frame energies place the cuts of long ones.
     Not thread-safe: one per stream.
     """
 
     def __init__(
         self,
-        recognizer: Recognizer,
+        decoding: SegmentSearch,
         encoder: ChunkedEncoder,
         options: SegmentOptions = SegmentOptions(),
-        hotwords: list[str] | tuple[str, ...] | None = None,
-        grammar: GrammarLike | None = None,
-        alternatives: int | None = None,
         record_spans: bool = False,
-        lstm: bool = True,
     ) -> None:
-        """``record_spans``: keep the (start, end) model frames of every segment in ``spans``, words or not.
-        ``lstm=False``: finals without the recogniser's LSTM LM rescoring (when it has one)."""
-        self.recognizer, self.encoder, self.options = recognizer, encoder, options
+        """``record_spans``: keep the (start, end) model frames of every segment in ``spans``, words or not."""
+        self.decoding, self.encoder, self.options = decoding, encoder, options
         self.spans: list[tuple[int, int]] | None = [] if record_spans else None
-        self.frame_shift = recognizer.frame_shift
+        self.frame_shift = decoding.frame_shift
         self._endpoint_frames = max(1, round(options.endpoint_silence / self.frame_shift))
         self._blank_endpoint_frames = max(1, round(options.blank_endpoint / self.frame_shift))
         self._max_frames = round(options.max_segment / self.frame_shift)
         self._quiet_search = min(round(QUIET_SEARCH_SECONDS / self.frame_shift), self._max_frames // 2)
-        self.grammar = recognizer.resolve_grammar(grammar)
-        self.alternatives = check_alternatives(recognizer.options.alternatives if alternatives is None else alternatives)
-        if self.grammar is not None:
-            self._beam = recognizer.stream_decoder(grammar=self.grammar)
-        elif recognizer.decoder_name == "beam":
-            self._beam = recognizer.stream_decoder(tuple(hotwords) if hotwords is not None else recognizer.options.hotwords, lstm=lstm)
-        else:
-            self._beam = None
-        # the frames this stream decodes: the phones' for an LM in phones, else the characters'
-        self._phones = self._beam is not None and self.grammar is None and recognizer.units == "phones"
-        self._vocabulary = recognizer.beam_vocabulary if self._phones else recognizer.vocabulary
+        self._beam = decoding.search
+        self.grammar = self._beam.grammar if self._beam is not None else None
+        self.alternatives = decoding.alternatives
+        self._phones = decoding.phones  # the frames this stream decodes: the phones' for an LM in phones
+        self._width = len(self._beam.vocabulary if self._beam is not None else decoding.vocabulary)
         self.index = 0  # of the next segment with words
         self.segment_start = 0  # model frames from the stream start
         self.segment_length = 0
@@ -165,7 +187,7 @@ class SegmentDecoder:
 
     def _decoded(self, log_probs: torch.Tensor) -> torch.Tensor:
         """The part of the model's output that this stream decodes (phones or characters)."""
-        return self.recognizer.select(log_probs, self._phones)
+        return self.decoding.layout.select(log_probs, self._phones)
 
     def _append(self, log_probs: torch.Tensor) -> None:
         self._frames.append(log_probs)  # all output layers: a phone search's finals are reranked with the characters
@@ -184,13 +206,13 @@ class SegmentDecoder:
 
     def _transcript(self, final: bool) -> Transcript:
         frames = torch.cat(self._frames) if self._frames else None
-        emissions = self._decoded(frames) if frames is not None else torch.zeros(0, len(self._vocabulary))
-        chars = self.recognizer.select(frames, False) if frames is not None and self._phones and final else None
+        emissions = self._decoded(frames) if frames is not None else torch.zeros(0, self._width)
+        chars = self.decoding.layout.characters(frames) if frames is not None and self._phones and final else None
         offset = self.segment_start * self.frame_shift
         alternatives = self.alternatives if final else 0
         if self._beam is not None:
             return self._beam.best(emissions, self.frame_shift, offset, final, alternatives, char_log_probs=chars)
-        transcript = greedy_decode(emissions, self.recognizer.vocabulary, self.frame_shift, offset)
+        transcript = greedy_decode(emissions, self.decoding.vocabulary, self.frame_shift, offset)
         if alternatives:  # the greedy decoder considers one hypothesis
             transcript.alternatives = [Alternative(transcript.text, 1.0, list(transcript.words))]
         return transcript

@@ -7,38 +7,32 @@ import json
 import sys
 from pathlib import Path
 
-from asr.cli import add_model_options, add_punctuation_options, grammar_phrases, load_recognizer
+from asr.cli import add_model_options, grammar_phrases, hotword_phrases, load_recognizer
 
 
 def run_mic(args: argparse.Namespace) -> int:
-    from asr.checkpoint import CheckpointError
-    from asr.lm import LanguageModelError
 
-    from .mic import LiveDisplay, MicrophoneError, capture, input_devices, resolve_device
-    from .recognizer import Final, Partial, RecognitionStream, StreamOptions
+    from .mic import LiveDisplay, capture, input_devices, resolve_device
+    from .recognizer import Final, Partial, RecognitionStream
 
-    try:
-        if args.list_devices:
-            devices = input_devices()
-            if not devices:
-                print("no audio input devices found", file=sys.stderr)
-                return 1
-            for d in devices:
-                mark = "*" if d["default"] else " "
-                print(f"{mark} {d['index']:3d}  {d['name']}  ({d['channels']} ch, {d['default_samplerate']:.0f} Hz)")
-            return 0
-        device, device_rate = resolve_device(args.input_device)
-        rate = args.sample_rate or device_rate
-        if args.enroll:
-            return _enroll(args, device, rate)
-        if args.server:
-            return _mic_through_server(args, device, rate)
-        recognizer = load_recognizer(args)
-        options = StreamOptions(endpoint_silence=args.endpoint_silence, max_segment=args.max_segment)
-        stream = RecognitionStream(recognizer, rate, options, punctuate=args.punctuate)
-    except (MicrophoneError, CheckpointError, LanguageModelError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.list_devices:
+        devices = input_devices()
+        if not devices:
+            print("no audio input devices found", file=sys.stderr)
+            return 1
+        for d in devices:
+            mark = "*" if d["default"] else " "
+            print(f"{mark} {d['index']:3d}  {d['name']}  ({d['channels']} ch, {d['default_samplerate']:.0f} Hz)")
+        return 0
+    device, device_rate = resolve_device(args.input_device)
+    rate = args.sample_rate or device_rate
+    if args.enroll:
+        return _enroll(args, device, rate)
+    if args.server:
+        return _mic_through_server(args, device, rate)
+    recognizer = load_recognizer(args)
+    options = stream_options(args)
+    stream = RecognitionStream(recognizer, rate, options, punctuate=args.punctuate)
     display = LiveDisplay(sys.stdout)
 
     def show(events) -> None:
@@ -58,9 +52,6 @@ def run_mic(args: argparse.Namespace) -> int:
             if 0 < args.max_seconds <= stream.seconds_received:
                 blocks.close()
                 break
-    except MicrophoneError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         pass
     show(stream.finish())
@@ -71,12 +62,11 @@ def _enroll(args: argparse.Namespace, device: int | None, rate: int) -> int:
     """Show the prompts one at a time, record each, and adapt the model to the voice (`asr mic --enroll -o me.pt`)."""
     import tempfile
 
-    from .enrol import EnrolmentError, adapt_in_process, load_prompts, record_prompts
-    from .mic import MicrophoneError, capture
+    from .enrol import adapt_in_process, load_prompts, record_prompts
+    from .mic import capture
 
     if not args.output or Path(args.output).suffix != ".pt":
-        print("error: --enroll needs -o FILE.pt, the adapted model to write", file=sys.stderr)
-        return 2
+        raise ValueError("--enroll needs -o FILE.pt, the adapted model to write")
 
     def show(line: str) -> None:
         print(line, flush=True)
@@ -93,9 +83,6 @@ def _enroll(args: argparse.Namespace, device: int | None, rate: int) -> int:
                 blocks.close()
             show("adapting the model to your voice ...")
             adapt_in_process(folder, args.output, args.model, show)
-    except (EnrolmentError, MicrophoneError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("enrolment interrupted: nothing written", file=sys.stderr)
         return 130
@@ -110,7 +97,7 @@ def _mic_through_server(args: argparse.Namespace, device: int | None, rate: int)
     from websockets.exceptions import InvalidStatus, InvalidURI
 
     from .client import stream_blocks
-    from .mic import LiveDisplay, MicrophoneError, capture
+    from .mic import LiveDisplay, capture
 
     display = LiveDisplay(sys.stdout)
 
@@ -136,14 +123,13 @@ def _mic_through_server(args: argparse.Namespace, device: int | None, rate: int)
 
     print(f"streaming device {device} at {rate} Hz to {args.server} (Ctrl+C to stop)", file=sys.stderr)
     try:
-        hotwords = [h.strip() for h in args.hotwords.split(",") if h.strip()] or None
+        hotwords = hotword_phrases(args) or None
         phrases = grammar_phrases(args)
         asyncio.run(
             stream_blocks(args.server, blocks(), rate, show, args.token, phrase_list=phrases, hotwords=hotwords, punctuate=args.punctuate)
         )
-    except (MicrophoneError, OSError, InvalidStatus, InvalidURI) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (InvalidStatus, InvalidURI) as error:
+        raise ConnectionError(f"{args.server}: {error}") from error
     except KeyboardInterrupt:
         pass
     return 0
@@ -154,8 +140,7 @@ def add_mic_parser(subparsers) -> None:
     p.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("-i", "--input-device", help="input device index or part of its name (default: the system default)")
     p.add_argument("--sample-rate", type=int, default=0, help="capture rate (default: the device's own)")
-    p.add_argument("--endpoint-silence", type=float, default=0.6, help="seconds of silence that end a segment")
-    p.add_argument("--max-segment", type=float, default=20.0, help="longest segment in seconds")
+    add_segment_options(p)
     p.add_argument("--max-seconds", type=float, default=0, help="stop after this much audio (0 = until Ctrl+C)")
     p.add_argument("--json", action="store_true", help="print events as JSON lines instead of the live display")
     p.add_argument("--server", help="send the audio to `asr serve` at this ws:// or wss:// address instead of decoding locally")
@@ -171,25 +156,18 @@ def add_mic_parser(subparsers) -> None:
 
 
 def run_bench_stream(args: argparse.Namespace) -> int:
-    from asr.checkpoint import CheckpointError
-    from asr.lm import LanguageModelError
 
     from .bench import stream_benchmark
-    from .recognizer import StreamOptions
 
-    try:
-        recognizer = load_recognizer(args)
-        report = stream_benchmark(
-            recognizer,
-            args.manifests,
-            args.limit,
-            StreamOptions(endpoint_silence=args.endpoint_silence),
-            args.memory_minutes,
-            log=lambda m: print(m, file=sys.stderr),
-        )
-    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    recognizer = load_recognizer(args)
+    report = stream_benchmark(
+        recognizer,
+        args.manifests,
+        args.limit,
+        stream_options(args),
+        args.memory_minutes,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     print(json.dumps(report, indent=2))
     return 0
 
@@ -198,57 +176,68 @@ def add_bench_stream_parser(bench_commands) -> None:
     p = bench_commands.add_parser("stream", help="streaming vs offline accuracy, compute per stream, latency, memory")
     p.add_argument("manifests", nargs="+", metavar="MANIFEST")
     p.add_argument("--limit", type=int, default=50, help="utterances per manifest (evenly spaced; 0 = all)")
-    p.add_argument("--endpoint-silence", type=float, default=0.6)
     p.add_argument("--memory-minutes", type=int, default=60, help="also stream this many minutes and report memory (0 = skip)")
+    add_segment_options(p)
     add_model_options(p)
     p.set_defaults(handler=run_bench_stream, threads=1)
+
+
+def server_options(args: argparse.Namespace):
+    """ServerOptions from the parsed `asr serve` arguments (the one reader of them)."""
+    from .server import ServerOptions
+
+    return ServerOptions(
+        host=args.host,
+        port=args.port,
+        max_connections=args.max_connections,
+        max_message_bytes=args.max_message_bytes,
+        idle_timeout=args.idle_timeout,
+        max_session_seconds=args.max_session_seconds,
+        sample_rate=args.sample_rate,
+        token=args.token or None,
+        punctuate=args.punctuate,
+        tokens=_tokens(args.tokens_file),
+        voices=args.voices,
+        max_enrolments=args.max_enrolments,
+        prompts_file=args.prompts_file,
+        prompts=args.prompts,
+    )
+
+
+def stream_options(args: argparse.Namespace):
+    """StreamOptions from the segment options (``add_segment_options``)."""
+    from .recognizer import StreamOptions
+
+    return StreamOptions(endpoint_silence=args.endpoint_silence, max_segment=args.max_segment)
+
+
+def add_segment_options(p: argparse.ArgumentParser) -> None:
+    """--endpoint-silence and --max-segment, with StreamOptions' defaults."""
+    from .recognizer import StreamOptions
+
+    d = StreamOptions()
+    p.add_argument("--endpoint-silence", type=float, default=d.endpoint_silence, help="seconds of silence that end a segment")
+    p.add_argument("--max-segment", type=float, default=d.max_segment, help="longest segment in seconds (cut at a quiet point)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import ssl
 
-    from asr.checkpoint import CheckpointError
-    from asr.lm import LanguageModelError
+    from .server import RecognitionServer
 
-    from .recognizer import StreamOptions
-    from .server import RecognitionServer, ServerOptions
-
-    try:
-        options = ServerOptions(
-            host=args.host,
-            port=args.port,
-            max_connections=args.max_connections,
-            max_message_bytes=args.max_message_bytes,
-            idle_timeout=args.idle_timeout,
-            max_session_seconds=args.max_session_seconds,
-            sample_rate=args.sample_rate,
-            token=args.token or None,
-            punctuate=args.punctuate,
-            tokens=_tokens(args.tokens_file),
-            voices=args.voices,
-            max_enrolments=args.max_enrolments,
-            prompts_file=args.prompts_file,
-            prompts=args.prompts,
-        )
-        context = None
-        if args.certfile:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(args.certfile, args.keyfile)
-        recognizer, more = load_served_models(args)
-        server = RecognitionServer(recognizer, options, StreamOptions(endpoint_silence=args.endpoint_silence), more)
-    except (CheckpointError, LanguageModelError, ValueError, OSError, ssl.SSLError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    options = server_options(args)
+    context = None
+    if args.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.certfile, args.keyfile)
+    recognizer, more = load_served_models(args)
+    server = RecognitionServer(recognizer, options, stream_options(args), more)
     scheme = "wss" if context else "ws"
     models = ", ".join(server.recognizers)
     address = f"{scheme}://{args.host}:{args.port}"
     print(f"serving {address} (models: {models}; decoder: {recognizer.decoder_name}); Ctrl+C to stop", file=sys.stderr)
-    try:
-        asyncio.run(server.run(ssl=context))
-    except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    asyncio.run(server.run(ssl=context))
     return 0
 
 
@@ -270,8 +259,7 @@ def load_served_models(args: argparse.Namespace):
         name, _, path = entry.partition("=") if named_entry else ("", "", entry)
         if name in named or name == "default":
             raise ValueError(f"model name {name!r} given twice (the first model is also named 'default')")
-        args.model = path
-        recognizer = load_recognizer(args)
+        recognizer = load_recognizer(args, model=path)
         default = default or recognizer
         if name:
             named[name] = recognizer
@@ -279,31 +267,33 @@ def load_served_models(args: argparse.Namespace):
 
 
 def add_serve_parser(subparsers) -> None:
+    from .server import ServerOptions
+
+    d = ServerOptions()
     p = subparsers.add_parser("serve", help="websocket server (vosk-server protocol)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=2700)
-    p.add_argument("--max-connections", type=int, default=32)
-    p.add_argument("--max-message-bytes", type=int, default=1 << 20)
-    p.add_argument("--idle-timeout", type=float, default=30.0, help="close connections silent this many seconds")
-    p.add_argument("--max-session-seconds", type=float, default=4 * 3600.0, help="audio seconds per connection")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--max-connections", type=int, default=d.max_connections)
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout, help="close connections silent this many seconds")
+    p.add_argument("--max-session-seconds", type=float, default=d.max_session_seconds, help="audio seconds per connection")
     p.add_argument(
         "--sample-rate",
         type=int,
-        default=16000,
+        default=d.sample_rate,
         help="PCM rate assumed until a client's config gives one (vosk-server's default is 8000: --sample-rate 8000 to be a drop-in)",
     )
     p.add_argument("--token", help="shared secret clients must send (Authorization: Bearer TOKEN or ?token=TOKEN)")
     p.add_argument("--tokens-file", help="more accepted tokens, one a line: one per user (each owns the voices it learns)")
     v = p.add_argument_group("learned voices (enrolment from the browser page or any client)")
     v.add_argument("--voices", help="folder for voices learned by enrolment (default: no enrolment)")
-    v.add_argument("--max-enrolments", type=int, default=1, help="adaptations running at once (each in its own process)")
+    v.add_argument("--max-enrolments", type=int, default=d.max_enrolments, help="adaptations running at once (each in its own process)")
     v.add_argument("--prompts-file", help="enrolment prompts, one sentence a line (default: Harvard sentences)")
-    v.add_argument("--prompts", type=int, default=10, help="prompts per enrolment (3-30)")
+    v.add_argument("--prompts", type=int, default=d.prompts, help="prompts per enrolment (3-30)")
     p.add_argument("--certfile", help="TLS certificate (PEM) for wss://")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
-    p.add_argument("--endpoint-silence", type=float, default=0.6)
+    add_segment_options(p)
     add_model_options(p, several_models=True)
-    add_punctuation_options(p, default=False)
     p.set_defaults(handler=run_serve)
 
 
@@ -330,14 +320,9 @@ def extend_transcribe(subparsers) -> None:
         from .client import transcribe_with_server
 
         if args.alternatives:
-            print("error: --alternatives needs local recognition (not --server)", file=sys.stderr)
-            return 2
-        hotwords = [h.strip() for h in args.hotwords.split(",") if h.strip()] or None
-        try:
-            grammar = grammar_phrases(args)
-        except OSError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            raise ValueError("--alternatives needs local recognition (not --server)")
+        hotwords = hotword_phrases(args) or None
+        grammar = grammar_phrases(args)
 
         punctuator = None
         if args.punctuate:  # here, over the whole transcript (a vosk-server cannot, and finals one by one lose context)
@@ -346,8 +331,7 @@ def extend_transcribe(subparsers) -> None:
             try:
                 punctuator = load_punctuator(args.punctuation_model)
             except ValueError as error:
-                print(f"error: {error} (--no-punctuate leaves the words as recognised)", file=sys.stderr)
-                return 2
+                raise ValueError(f"{error} (--no-punctuate leaves the words as recognised)") from error
 
         def remote(source):
             finals = asyncio.run(transcribe_with_server(args.server, source, args.token, grammar, hotwords=hotwords))
@@ -360,17 +344,11 @@ def extend_transcribe(subparsers) -> None:
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    from asr.checkpoint import CheckpointError
-    from asr.lm import LanguageModelError
 
     from .bench import serve_benchmark
 
-    try:
-        recognizer = load_recognizer(args)
-        report = serve_benchmark(recognizer, args.manifest, args.clients, log=lambda m: print(m, file=sys.stderr))
-    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    recognizer = load_recognizer(args)
+    report = serve_benchmark(recognizer, args.manifest, args.clients, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, indent=2))
     return 0
 
@@ -384,17 +362,11 @@ def add_bench_serve_parser(bench_commands) -> None:
 
 
 def run_bench_lockstep(args: argparse.Namespace) -> int:
-    from asr.checkpoint import CheckpointError
-    from asr.lm import LanguageModelError
 
     from .bench import lockstep_benchmark
 
-    try:
-        recognizer = load_recognizer(args)
-        report = lockstep_benchmark(recognizer, args.paths, log=lambda m: print(m, file=sys.stderr))
-    except (CheckpointError, LanguageModelError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    recognizer = load_recognizer(args)
+    report = lockstep_benchmark(recognizer, args.paths, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, indent=2))
     return 0
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from asr.errors import CommandError
+
 PROMPTS_FILE = Path(__file__).parent / "prompts.txt"
 FRAME_SECONDS = 0.03
 SPEECH_DBFS = -40.0  # a frame louder than this is speech
@@ -22,7 +24,7 @@ MAX_PROMPT_SECONDS = 15.0
 WAIT_SECONDS = 20.0  # for the first word of a prompt
 
 
-class EnrolmentError(RuntimeError):
+class EnrolmentError(CommandError):
     """Raised when a prompt gets no speech, or adaptation fails."""
 
 

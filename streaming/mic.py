@@ -8,10 +8,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from asr.errors import CommandError
+
 BLOCK_SECONDS = 0.1  # audio delivered per callback
 
 
-class MicrophoneError(RuntimeError):
+class MicrophoneError(CommandError):
     """PortAudio is missing, or the input device does not exist or cannot be opened."""
 
 

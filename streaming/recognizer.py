@@ -19,7 +19,8 @@ from asr.audio import SAMPLE_RATE, StreamResampler
 from asr.decoding import Alternative, Segment, Word
 from asr.encoder import ChunkedEncoder
 from asr.features import StreamingFeatures
-from asr.recognizer import GrammarLike, Recognizer
+from asr.recognizer import Recognizer
+from asr.request import RequestOptions
 from asr.segmenter import SegmentDecoder, SegmentOptions
 
 
@@ -92,9 +93,10 @@ Event = Partial | Final
 class RecognitionStream:
     """Feed audio with ``accept``; call ``finish`` at the end. Not thread-safe: one stream per thread or task.
 
-    ``hotwords``, ``grammar`` and ``alternatives`` (N-best entries in each final) default to the recogniser's own.
-    ``lstm=False``: finals are not rescored with the recogniser's LSTM LM (when it has one).
-    ``punctuate=True``: finals also carry their words cased and punctuated (``Final.formatted_text``); partials stay raw.
+    ``request`` (``asr.RequestOptions``), or its fields as keywords, defaults to the recogniser's own, except that a
+    stream punctuates only when asked: ``hotwords``, ``grammar``, ``alternatives`` (N-best entries in each final),
+    ``lstm=False`` (finals not rescored with the recogniser's LSTM LM), ``punctuate=True`` (finals also carry their
+    words cased and punctuated, ``Final.formatted_text``; partials stay raw).
     With a grammar, partials show the words finished so far (a prefix of the grammar's phrases) and commit none.
     """
 
@@ -103,20 +105,20 @@ class RecognitionStream:
         recognizer: Recognizer,
         sample_rate: int = SAMPLE_RATE,
         options: StreamOptions = StreamOptions(),
-        hotwords: list[str] | tuple[str, ...] | None = None,
-        grammar: GrammarLike | None = None,
-        alternatives: int | None = None,
-        lstm: bool = True,
-        punctuate: bool = False,
+        request: RequestOptions | None = None,
+        **settings,
     ) -> None:
+        if request is not None and settings:
+            raise ValueError("give a RequestOptions or its settings as keywords, not both")
+        resolved = recognizer.resolve(request or RequestOptions(**{"punctuate": False, **settings}))
         self.recognizer = recognizer
-        self._punctuator = recognizer.punctuator if punctuate else None
+        self._punctuator = recognizer.punctuator if resolved.punctuate else None
         self.options = options
         self.sample_rate = sample_rate
         self._resampler = StreamResampler(sample_rate)
         self._features = StreamingFeatures(recognizer.extractor)
         self._encoder = recognizer.new_encoder(options.segmentation)
-        self._decoder = SegmentDecoder(recognizer, self._encoder, options.segmentation, hotwords, grammar, alternatives, lstm=lstm)
+        self._decoder = SegmentDecoder(recognizer.segment_search(resolved), self._encoder, options.segmentation)
         self._frame_shift = recognizer.frame_shift
         self._lookahead = recognizer.model.config.lookahead_frames
         self._last_partial = ""

@@ -21,6 +21,7 @@ import json
 import queue
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -32,8 +33,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from asr.encoder import encode_ready_chunks
-from asr.grammar import Grammar, GrammarError
+from asr.grammar import GrammarError
 from asr.recognizer import Recognizer
+from asr.request import RequestOptions
 from asr.segmenter import combine_alternatives
 
 from .recognizer import Final, Partial, RecognitionStream, StreamOptions
@@ -142,6 +144,14 @@ def _phrase_list(config: dict, key: str) -> list[str]:
     return phrases
 
 
+@dataclass(frozen=True)
+class PendingAudio:
+    """Audio of a session that the inference worker has not answered yet."""
+
+    future: asyncio.Future  # its events
+    seconds: float
+
+
 class Session:
     """Protocol state of one connection: its settings, its stream, and what it has recognised but not yet replied."""
 
@@ -151,17 +161,20 @@ class Session:
         self.enrolment: Enrolment | None = None
         self.sample_rate = server.options.sample_rate
         self.words = True  # vosk-server shows words by default
-        self.hotwords: list[str] | None = None  # None: the server's own
-        self.grammar: Grammar | None = None  # None: the server's own (usually none)
-        self.alternatives = 0
-        self.lstm = True  # finals rescored with the model's LSTM LM when the server loaded one
-        self.punctuate = server.options.punctuate  # finals cased and punctuated (asr serve --punctuate: for every connection)
+        # hotwords and grammar None: the server's own; finals rescored with the LSTM LM when the server loaded one; cased
+        # and punctuated when asked (asr serve --punctuate: for every connection)
+        self.request = RequestOptions(alternatives=0, lstm=True, punctuate=server.options.punctuate)
+        self._hotwords: list[str] | None = None
         self.model = DEFAULT_MODEL
         self.stream: RecognitionStream | None = None
         self.pending: list[Final] = []  # finals recognised since the last reply
         self.partial = Partial("", 0)  # the current segment's hypothesis
-        self.jobs: list[tuple[asyncio.Future, float]] = []  # audio being recognised (seconds each), oldest first
+        self.jobs: list[PendingAudio] = []  # audio being recognised, oldest first
         self.seconds_received = 0.0  # audio the client sent in this session
+
+    @property
+    def alternatives(self) -> int:
+        return self.request.alternatives
 
     @property
     def recognizer(self) -> Recognizer:
@@ -183,29 +196,31 @@ class Session:
         rate = config.get("sample_rate", self.sample_rate)
         if not isinstance(rate, int | float) or not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE or rate != int(rate):
             raise ProtocolError(f"sample_rate must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, got {rate!r}")
-        alternatives = config.get("max_alternatives", self.alternatives)
+        current = self.request
+        alternatives = config.get("max_alternatives", current.alternatives)
         if isinstance(alternatives, bool) or not isinstance(alternatives, int) or alternatives < 0:
             raise ProtocolError(f"max_alternatives must be a whole number >= 0 (0: no alternatives), got {alternatives!r}")
         if "phrase_list" in config and "grammar" in config:
             raise ProtocolError("phrase_list and grammar are the same setting: send one of them")
-        grammar = self.grammar if model == self.model else None
+        grammar = current.grammar if model == self.model else None
         for key in ("phrase_list", "grammar"):  # vosk-server's phrase_list is a grammar: output restricted to the phrases
             if key in config:
                 try:
                     grammar = self.server.recognizers.get(model, self.server.recognizer).parse_grammar(_phrase_list(config, key))
                 except GrammarError as error:
                     raise ProtocolError(f"{key}: {error}") from error
-        hotwords = _phrase_list(config, "hotwords") if "hotwords" in config else self.hotwords
-        lstm = config.get("lstm", self.lstm)
+        hotwords = _phrase_list(config, "hotwords") if "hotwords" in config else self._hotwords
+        lstm = config.get("lstm", current.lstm)
         if not isinstance(lstm, bool):
             raise ProtocolError(f"lstm must be true or false (rescoring finals with the LSTM LM), got {str(lstm)[:100]!r}")
-        punctuate = config.get("punctuate", self.punctuate)
+        punctuate = config.get("punctuate", current.punctuate)
         if not isinstance(punctuate, bool):
             raise ProtocolError(f"punctuate must be true or false (cased, punctuated finals), got {str(punctuate)[:100]!r}")
         if punctuate and self.server.punctuator_error is not None:
             raise ProtocolError(f"this server cannot punctuate: {self.server.punctuator_error}")
-        self.lstm, self.punctuate = lstm, punctuate
-        self.sample_rate, self.alternatives, self.grammar, self.hotwords = int(rate), alternatives, grammar, hotwords
+        self._hotwords = hotwords  # kept for a later config; a grammar, when there is one, decides
+        self.request = RequestOptions(None if grammar is not None else hotwords, grammar, alternatives, lstm, punctuate)
+        self.sample_rate = int(rate)
         self.words = bool(config.get("words", self.words))
         self.model = model
 
@@ -223,16 +238,7 @@ class Session:
 
     def new_stream(self) -> RecognitionStream:
         """A stream for this session's settings (slow the first time a hotword list is seen: its decoder is built)."""
-        return RecognitionStream(
-            self.recognizer,
-            self.sample_rate,
-            self.server.stream_options,
-            hotwords=self.hotwords,
-            grammar=self.grammar,
-            alternatives=self.alternatives,
-            lstm=self.lstm,
-            punctuate=self.punctuate,
-        )
+        return RecognitionStream(self.recognizer, self.sample_rate, self.server.stream_options, self.request)
 
     def collect(self, events: list[Partial | Final]) -> None:
         """Take a stream's events into the state that replies are made of."""
@@ -245,8 +251,8 @@ class Session:
 
     def harvest(self) -> None:
         """Collect the events of the audio recognised so far, in order (jobs finish in the order they were sent)."""
-        while self.jobs and self.jobs[0][0].done():
-            future, _ = self.jobs.pop(0)
+        while self.jobs and self.jobs[0].future.done():
+            future = self.jobs.pop(0).future
             if future.exception() is not None:  # reported as the reply to the message now being answered
                 raise ProtocolError(str(future.exception()))
             self.collect(future.result())
@@ -254,13 +260,13 @@ class Session:
     @property
     def backlog(self) -> float:
         """Seconds of audio sent but not yet recognised."""
-        return sum(seconds for _, seconds in self.jobs)
+        return sum(job.seconds for job in self.jobs)
 
     async def drain(self, backlog: float = 0.0) -> None:
         """Wait until at most ``backlog`` seconds of the audio sent so far are not yet recognised, collecting the rest."""
         self.harvest()
         while self.jobs and self.backlog > backlog:
-            await asyncio.wait([self.jobs[0][0]])
+            await asyncio.wait([self.jobs[0].future])
             self.harvest()
 
     def reply(self) -> dict:
@@ -269,6 +275,32 @@ class Session:
             final, self.pending = merge_finals(self.pending), []
             return vosk_message(final, self.words, self.alternatives)
         return self.partial.to_dict()
+
+
+@dataclass
+class _Job:
+    """Work for the inference thread, and where its result goes (a future of the event loop that queued it)."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    result: object = None  # what the future gets: the events, a return value, or an exception
+
+    def resolve(self) -> None:
+        result, future = self.result, self.future
+        setter = future.set_exception if isinstance(result, Exception) else future.set_result
+        self.loop.call_soon_threadsafe(lambda: future.done() or setter(result))
+
+
+@dataclass
+class _AudioJob(_Job):
+    stream: RecognitionStream | None = None
+    pcm: np.ndarray | None = None
+
+
+@dataclass
+class _CallJob(_Job):
+    function: Callable | None = None
+    args: tuple = ()
 
 
 class InferenceWorker:
@@ -280,23 +312,23 @@ class InferenceWorker:
     """
 
     def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="asr-inference", daemon=True)
         self._thread.start()
         self.rounds = self.batched_streams = 0
 
     def audio(self, stream: RecognitionStream, pcm: np.ndarray) -> asyncio.Future:
         """Queue audio for a stream; the future gives its events (jobs finish in the order they were queued)."""
-        return self._submit(("audio", stream, pcm))
+        loop = asyncio.get_running_loop()
+        return self._submit(_AudioJob(loop, loop.create_future(), stream=stream, pcm=pcm))
 
     async def call(self, function, *args):
-        return await self._submit(("call", function, args))
-
-    def _submit(self, job: tuple) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._jobs.put((*job, loop, future))
-        return future
+        return await self._submit(_CallJob(loop, loop.create_future(), function=function, args=args))
+
+    def _submit(self, job: _Job) -> asyncio.Future:
+        self._jobs.put(job)
+        return job.future
 
     def stop(self) -> None:
         self._jobs.put(None)
@@ -308,41 +340,38 @@ class InferenceWorker:
                 jobs.append(self._jobs.get_nowait())
             if None in jobs:
                 return
-            results: dict[int, object] = {}
-            streams: list[RecognitionStream] = []
-            for index, job in enumerate(jobs):
-                if job[0] != "audio":
-                    continue
-                stream = job[1]
-                try:
-                    stream.feed(job[2])
-                    if stream not in streams:
-                        streams.append(stream)
-                    results[index] = []
-                except (ValueError, RuntimeError) as error:
-                    results[index] = error
-            events = {}
-            for group in _by_model(streams):  # one batched model call per model and chunk position
-                frames = encode_ready_chunks([s.encoder for s in group])
-                self.rounds += 1
-                self.batched_streams += len(group)
-                events.update({id(s): s.process(f) for s, f in zip(group, frames)})
-            if streams:
-                for index in reversed(range(len(jobs))):  # a stream's events go to its last job of the round
-                    job = jobs[index]
-                    if job[0] == "audio" and not isinstance(results[index], Exception) and id(job[1]) in events:
-                        results[index] = events.pop(id(job[1]))
-            for index, job in enumerate(jobs):
-                if job[0] == "call":
+            audio = [job for job in jobs if isinstance(job, _AudioJob)]
+            self._recognise(audio)
+            for job in jobs:
+                if isinstance(job, _CallJob):
                     try:
-                        results[index] = job[1](*job[2])
+                        job.result = job.function(*job.args)
                     except Exception as error:  # handed to the caller, who reports it to its client
-                        results[index] = error
-            for index, job in enumerate(jobs):
-                loop, future = job[-2], job[-1]
-                result = results[index]
-                setter = future.set_exception if isinstance(result, Exception) else future.set_result
-                loop.call_soon_threadsafe(lambda f=future, s=setter, r=result: f.done() or s(r))
+                        job.result = error
+            for job in jobs:
+                job.resolve()
+
+    def _recognise(self, jobs: list[_AudioJob]) -> None:
+        """Feed every job's audio, run the model once per model and chunk position, and give each stream's events to
+        its last job of the round (the others get none)."""
+        streams: list[RecognitionStream] = []
+        for job in jobs:
+            try:
+                job.stream.feed(job.pcm)
+                job.result = []
+                if job.stream not in streams:
+                    streams.append(job.stream)
+            except (ValueError, RuntimeError) as error:
+                job.result = error
+        events = {}
+        for group in _by_model(streams):  # one batched model call per model and chunk position
+            frames = encode_ready_chunks([s.encoder for s in group])
+            self.rounds += 1
+            self.batched_streams += len(group)
+            events.update({id(s): s.process(f) for s, f in zip(group, frames)})
+        for job in reversed(jobs):
+            if not isinstance(job.result, Exception) and id(job.stream) in events:
+                job.result = events.pop(id(job.stream))
 
 
 def _supplied_token(request: Request) -> str:
@@ -506,7 +535,7 @@ class RecognitionServer:
             report = await self.voices.adapt(session.owner, enrolment)
             await asyncio.get_running_loop().run_in_executor(None, self.voices.recognizer, session.owner, enrolment.name)
             reply = {"type": "enrolment", "name": enrolment.name, "adapted": True, "report": report}
-        except (EnrolmentRefused, ValueError, OSError) as error:
+        except (ValueError, OSError) as error:  # EnrolmentRefused is a ValueError
             reply = {"type": "error", "error": f"learning the voice {enrolment.name!r} failed: {error}"}
         if session.enrolment is enrolment:
             session.enrolment = None
@@ -527,7 +556,7 @@ class RecognitionServer:
             session.stream = await asyncio.get_running_loop().run_in_executor(None, session.new_stream)
         if data:
             seconds = len(data) / 2 / session.sample_rate
-            session.jobs.append((self.worker.audio(session.stream, np.frombuffer(data, dtype="<i2")), seconds))
+            session.jobs.append(PendingAudio(self.worker.audio(session.stream, np.frombuffer(data, dtype="<i2")), seconds))
             session.seconds_received += seconds
         await session.drain(MAX_BACKLOG_SECONDS)  # at once, unless the client is far ahead of recognition
         await self._send(connection, session.reply())

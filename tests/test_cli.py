@@ -152,3 +152,45 @@ def test_eval_with_a_grammar_says_so(tmp_path, tiny_model):
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads((tmp_path / "r.json").read_text())[0]["wer"] == 0.0
     assert "decoder: grammar of 2 phrase(s) and [unk]" in result.stdout.decode()
+
+
+def test_hotwords_file_reaches_the_server(tmp_path, monkeypatch, capsys):
+    """`asr transcribe --server URL --hotwords-file F` sends the file's phrases (it once sent only --hotwords)."""
+    import streaming.client
+    from asr.cli import main
+
+    sent = {}
+
+    async def fake_server(url, source, token, grammar, hotwords=None):
+        sent.update(url=url, grammar=grammar, hotwords=hotwords)
+        return [{"text": "how much was it", "start": 0.1, "end": 0.7, "result": []}]
+
+    monkeypatch.setattr(streaming.client, "transcribe_with_server", fake_server)
+    phrases = tmp_path / "hotwords.txt"
+    phrases.write_text("Kheafield\ntorch audio\n\n")
+    clip = str(DATA / "how_much_was_it.opus")
+    argv = ["transcribe", clip, "--server", "ws://127.0.0.1:9", "--no-punctuate", "--hotwords", "vosk", "--hotwords-file", str(phrases)]
+    assert main(argv) == 0
+    assert sent["hotwords"] == ["vosk", "Kheafield", "torch audio"] and sent["grammar"] is None
+    assert capsys.readouterr().out == "how much was it\n"
+
+
+def test_errors_are_reported_once_with_exit_code_2(tmp_path, capsys):
+    from asr.cli import main
+
+    assert main(["lm", "phones", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "lm.json")]) == 2
+    assert main(["transcribe", str(DATA / "how_much_was_it.opus"), "-f", "doc"]) == 2
+    assert main(["average", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "avg.pt")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines), lines
+
+
+def test_bench_profile_accounts_for_the_whole_transcription(tiny_model):
+    result = asr("bench", "profile", str(DATA / "LJ002-0179.opus"), "--model", str(tiny_model), "--decoder", "greedy", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    report = json.loads(result.stdout)
+    parts = {p["part"]: p for p in report["parts"]}
+    assert {"features", "acoustic model", "search", "punctuation"} <= set(parts)
+    assert parts["acoustic model"]["calls"] > 0 and parts["punctuation"]["calls"] == 1 and parts["search"]["calls"] == 0  # greedy
+    assert abs(sum(p["seconds"] for p in report["parts"]) - report["wall_seconds"]) < 0.01
+    assert report["audio_seconds"] > 4 and report["rtf"] > 0

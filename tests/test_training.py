@@ -210,3 +210,23 @@ def test_the_first_epochs_go_shortest_first_when_asked(tmp_path, overfit_manifes
     config = tiny_train_config(tmp_path, overfit_manifest, epochs=3, shortest_first_epochs=2, model=_small(), keep_epochs=0)
     train(config, log=lambda _m: None)
     assert orders[1:] == [(0, True), (1, True), (2, False)]  # the first call only counts the steps of an epoch
+
+
+def test_random_generators_resume_exactly_through_a_checkpoint_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(5)
+    np.random.seed(6)
+    torch.manual_seed(7)
+    np.random.standard_normal()  # leaves numpy with a cached Gaussian
+    random.gauss(0, 1)
+    torch.save({"rng": [trainer._rng_state()]}, tmp_path / "state.pt")
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(), torch.rand(2).tolist())
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    trainer._set_rng_state(torch.load(tmp_path / "state.pt", weights_only=True)["rng"][0])
+    resumed = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(), torch.rand(2).tolist())
+    assert resumed == expected

@@ -260,3 +260,18 @@ def test_lockstep_benchmark_compares_with_offline(recognizer, tmp_path):
     report = lockstep_benchmark(recognizer, [str(tmp_path / "talk.wav")], log=lambda _m: None)
     (row,) = report["files"]
     assert row["same_transcript"] and row["finals"] >= 1 and row["messages"] == len(pieces_of(real_clips())) + 1
+
+
+def test_words_client_gets_the_best_reading_when_no_phrase_completes(server, recognizer):
+    """vosk-server's test_words.py: multi-word phrases without "[unk]", audio that says only the start of one. Kaldi's
+    decoder treats every state as final when none is, so vosk-server returns its best path; so do we."""
+    phrases = ["how much was it worth to you", "does that look good"]
+    audio = np.concatenate([silence(0.3), load_audio(DATA / "how_much_was_it.opus"), silence(0.3)])
+    pieces = pieces_of(audio, seconds=0.5)  # test_words.py reads 8000 frames at a time
+    config = json.dumps({"config": {"phrase_list": phrases, "sample_rate": 16000.0}})
+    replies = asyncio.run(lockstep(server.url, pieces, config))
+    check_rule(replies, pieces)
+    assert " ".join(r["text"] for r in finals(replies) if r["text"]) == "how much was it"
+    assert recognizer.transcribe(as_sent(audio), SAMPLE_RATE, grammar=phrases).text == "how much was it"
+    # with "[unk]" the grammar has a word for anything else, and the unfinished phrase is that
+    assert recognizer.transcribe(as_sent(audio), SAMPLE_RATE, grammar=[*phrases, "[unk]"]).text == "[unk]"

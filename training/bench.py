@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from asr.model import ModelConfig
+from asr.phones import PHONE_TOKENS
 
 from .augment import NO_AUGMENT, AugmentConfig
 from .trainer import TrainConfig, train
@@ -33,10 +34,13 @@ class ThroughputOptions:
     augment: bool = True
     processes: int = 1  # data-parallel processes on this machine (gloo on the CPU, NCCL on GPUs)
     threads: int = 0  # torch threads per process (0: torch's default)
+    phone_loss: str = ""  # "ctc" or "crf": also a phone output layer trained with that loss ("": characters only)
 
     def __post_init__(self) -> None:
         if self.processes < 1 or self.threads < 0 or self.batch_frames < 1:
             raise ValueError("processes and batch_frames must be at least 1, threads at least 0")
+        if self.phone_loss not in ("", "ctc", "crf"):
+            raise ValueError("phone_loss must be '', 'ctc' or 'crf'")
 
 
 def _free_port() -> int:
@@ -53,10 +57,12 @@ def _run(rank: int, options: ThroughputOptions, out: str, port: int) -> None:
         )
     if options.threads:
         torch.set_num_threads(options.threads)
+    phones = {"phone_loss": options.phone_loss} if options.phone_loss else {}
     config = TrainConfig(
         train_manifests=(options.manifest,),
         output_dir=out,
-        model=options.model,
+        model=replace(options.model, phone_vocab_size=len(PHONE_TOKENS)) if phones else options.model,
+        **phones,
         epochs=1000,
         batch_frames=options.batch_frames,
         max_steps=options.steps,
@@ -99,6 +105,7 @@ def training_throughput(options: ThroughputOptions) -> dict:
         "processes": options.processes,
         "model": options.model.to_dict(),
         "augmentation": options.augment,
+        "phone_loss": options.phone_loss or "none",
         "precision": precision,
         "device": torch.cuda.get_device_name()
         if device.startswith("cuda")

@@ -7,7 +7,7 @@ import json
 import multiprocessing
 import os
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -209,12 +209,14 @@ def build_examples(
     stack_frames: int,
     max_frames: int,
     phones: tuple[Pronouncer, Vocabulary] | None = None,
+    reasons: Counter | None = None,
 ) -> tuple[list[Example], int]:
     """Usable (example) utterances and the number skipped as too long or too short for CTC.
 
     With ``phones`` (a pronouncer and the phone vocabulary) each example also gets phone targets; an utterance
-    with a word that has no pronunciation is skipped.
+    with a word that has no pronunciation is skipped. ``reasons`` counts the skipped utterances by reason.
     """
+    reasons = Counter() if reasons is None else reasons
     if phones is not None:  # one espeak-ng call for all the words CMUdict lacks
         pronouncer = phones[0]
         words = {w for fs in sets for utt in fs.utterances for w in utt.text.split()}
@@ -232,10 +234,12 @@ def build_examples(
                     phone_targets = phones[1].encode(phones[0].phones_of_text(utt.text))
                 except PronunciationError:
                     skipped += 1
+                    reasons["a word without a pronunciation"] += 1
                     continue
             fits = ctc_fits(targets, frames // stack_frames) and (phones is None or ctc_fits(phone_targets, frames // stack_frames))
             if not fits or frames > max_frames:
                 skipped += 1
+                reasons["longer than the limit" if frames > max_frames else "too short for its transcript"] += 1
                 continue
             examples.append(Example(si, ui, frames, tuple(targets), frames / 100.0, tuple(phone_targets)))
     return examples, skipped

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from asr.errors import CommandError
 from asr.lm import CONFIG_FILE, LEXICON_FILE, PHONE_LEXICON_FILE, DecoderSettings, LanguageModel, LanguageModelError, spell, spell_phones
 from asr.phones import ESPEAK_MISSING, Pronouncer, PronunciationError, PronunciationWarning
 from asr.text import normalize_text
@@ -30,7 +31,7 @@ KENLM_INSTALL_HINT = (
 )
 
 
-class LanguageModelBuildError(RuntimeError):
+class LanguageModelBuildError(CommandError):
     """Raised when the language model cannot be built."""
 
 

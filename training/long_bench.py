@@ -132,8 +132,7 @@ def _child(mode: str, inputs: list[str], threads: int, model_args: list[str]) ->
 
     parser = argparse.ArgumentParser()
     add_model_options(parser)
-    args = parser.parse_args(model_args)
-    args.threads = threads
+    args = parser.parse_args([*model_args, "--threads", str(threads)])
     recognizer = load_recognizer(args)
     recognizer.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32), SAMPLE_RATE)  # warm-up (librosa, allocator)
     wall = seconds = 0.0

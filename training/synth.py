@@ -242,14 +242,188 @@ def _job_path(root: Path, engine: str, voice: str, text: str, rate: float, pitch
     return str(root / "audio" / engine / (digest + ext))
 
 
-def synthesize(config: SynthConfig, log: Callable[[str], None] = lambda _: None) -> SynthReport:
-    """Render ``config.hours`` of speech, an equal share per engine, and write ``train.jsonl`` in ``output_dir``."""
+def _check(config: SynthConfig) -> None:
     if config.hours <= 0:
         raise SynthError("hours must be positive")
     if not (0 < config.rate[0] <= config.rate[1]) or not (0 < config.pitch[0] <= config.pitch[1]):
         raise SynthError("rate and pitch ranges must be positive, low to high")
     if not 1 <= config.min_words <= config.max_words:
         raise SynthError("need 1 <= min_words <= max_words")
+
+
+class SentencePool:
+    """The sentence stream dealt out to the engines: sentence k goes to engine k % engines, in a fixed order."""
+
+    def __init__(self, sentences: Iterator[tuple[str, str]], engines: int) -> None:
+        self._sentences, self._engines, self._pool = sentences, engines, []
+
+    def get(self, index: int, engine_number: int) -> tuple[str, str] | None:
+        """The engine's ``index``-th (raw, normalised) sentence, or None when the text ran out."""
+        k = index * self._engines + engine_number
+        while len(self._pool) <= k:
+            following = next(self._sentences, None)
+            if following is None:
+                return None
+            self._pool.append(following)
+        return self._pool[k]
+
+
+class EngineQueue:
+    """One engine's share of the work: its jobs in plan order, their results, and its running totals.
+
+    Jobs are planned in a fixed order (so the plan never depends on timing) and counted in that order once their
+    results are in, until the engine's quota of audio is reached, it fails too often, or the sentences run out.
+    """
+
+    def __init__(self, name: str, number: int, voices: list[str], quota: float, config: SynthConfig, root: Path, ext: str) -> None:
+        self.name, self.number, self.voices, self.quota = name, number, voices, quota
+        self.config, self.root, self.ext = config, root, ext
+        self.rng = random.Random(f"{config.seed}:{name}")
+        self.planned: list[Job] = []
+        self.texts: list[str] = []
+        self.stats = EngineStats()
+        self.durations: dict[int, float | str] = {}  # job index -> seconds or error
+        self.accounted = 0  # jobs 0..accounted-1 are counted in stats
+        self.done = self.exhausted = False
+
+    def plan(self, pool: SentencePool) -> Job | None:
+        """The next job, or None (and ``exhausted``) when the sentences ran out."""
+        found = pool.get(len(self.planned), self.number)
+        if found is None:
+            self.exhausted = True
+            return None
+        raw, text = found
+        voice = self.rng.choice(self.voices)
+        rate, pitch = round(self.rng.uniform(*self.config.rate), 3), round(self.rng.uniform(*self.config.pitch), 3)
+        job = Job(voice, raw, rate, pitch, _job_path(self.root, self.name, voice, raw, rate, pitch, self.ext))
+        self.planned.append(job)
+        self.texts.append(text)
+        return job
+
+    def wants_more(self) -> bool:
+        """Not done, and its counted seconds plus an estimate for its unfinished jobs fall short of its quota."""
+        if self.done or self.exhausted:
+            return False
+        s = self.stats
+        mean = s.seconds / s.utterances if s.utterances else 4.0
+        return s.seconds + mean * (len(self.planned) - self.accounted) < self.quota
+
+    def record(self, indices: list[int], results: list[float | str], seconds: float) -> None:
+        """Results of a rendered batch of jobs (seconds of audio, or an error message each)."""
+        self.stats.render_seconds += seconds
+        for i, result in zip(indices, results):
+            self.durations[i] = result
+            if not isinstance(result, str):
+                self.stats.rendered += 1
+                self.stats.rendered_audio_seconds += result
+
+    def account(self, log: Callable[[str], None]) -> None:
+        """Count the results that are in, in plan order; decide whether the engine is done."""
+        s = self.stats
+        while not self.done and self.accounted in self.durations:
+            result, job = self.durations[self.accounted], self.planned[self.accounted]
+            self.accounted += 1
+            if isinstance(result, str):
+                s.failed += 1
+                if len(s.errors) < 5:
+                    s.errors.append(result)
+                if s.failed >= 20 and s.utterances == 0:
+                    self.done = True
+                    log(f"{self.name}: giving up after {s.failed} failures, first: {s.errors[0]}")
+                continue
+            s.utterances += 1
+            s.seconds += result
+            s.voices[job.voice] = s.voices.get(job.voice, 0.0) + result
+            if s.seconds >= self.quota:
+                self.done = True
+                log(f"{self.name}: {s.utterances} utterances, {s.seconds / 3600:.2f} h")
+        if not self.done and self.exhausted and self.accounted == len(self.planned):
+            self.done = True
+            log(f"{self.name}: ran out of sentences at {s.seconds / 3600:.2f} h")
+
+    def next_batch(self, pool: SentencePool) -> list[int]:
+        """Plan up to a batch of jobs; those rendered by an earlier run are taken as they are. Returns the indices to render."""
+        batch: list[int] = []
+        for _ in range(BATCH[self.name]):
+            job = self.plan(pool)
+            if job is None:
+                break
+            index = len(self.planned) - 1
+            if os.path.isfile(job.path):  # rendered by an earlier run
+                self.durations[index] = _existing_duration(job.path)
+            else:
+                batch.append(index)
+        return batch
+
+    def entry(self, index: int) -> dict | None:
+        """The manifest line of a counted job, None for a failed one."""
+        result = self.durations[index]
+        if isinstance(result, str):
+            return None
+        job = self.planned[index]
+        return {
+            "audio": os.path.relpath(job.path, self.root),
+            "duration": round(result, 3),
+            "text": self.texts[index],
+            "raw_text": job.text,
+            "speaker": job.voice,
+            "sample_rate": SAMPLE_RATE,
+        }
+
+
+def _render(queues: list[EngineQueue], pool: SentencePool, config: SynthConfig, log: Callable[[str], None]) -> None:
+    """Render jobs until every engine is done: up to 2 x ``config.jobs`` batches in flight, engines taking turns."""
+    # Threads suffice: espeak-ng, flite and festival run as child processes, and piper's onnxruntime, libsndfile and
+    # soxr release the GIL. (Processes would have to re-import the caller's main module, or fork onnxruntime's threads.)
+    executor = _Inline() if config.jobs <= 1 else futures.ThreadPoolExecutor(config.jobs, thread_name_prefix="synth")
+    window = 1 if config.jobs <= 1 else 2 * config.jobs
+    inflight: dict[futures.Future, tuple[EngineQueue, list[int]]] = {}
+    turn = 0
+    try:
+        while True:
+            while len(inflight) < window:
+                candidates = [q for q in queues if q.wants_more()]
+                if not candidates:
+                    break
+                queue = candidates[turn % len(candidates)]
+                turn += 1
+                batch = queue.next_batch(pool)
+                if batch:
+                    future = executor.submit(_timed_render, [queue.planned[i] for i in batch], config.seed)
+                    inflight[future] = (queue, batch)
+                queue.account(log)
+            if not inflight:
+                if not any(q.wants_more() for q in queues):
+                    break
+                continue
+            finished, _ = futures.wait(list(inflight), return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                queue, indices = inflight.pop(future)
+                queue.record(indices, *future.result())
+                queue.account(log)
+    finally:
+        executor.shutdown(cancel_futures=True)
+
+
+def _write_manifest(root: Path, queues: list[EngineQueue]) -> tuple[Path, int]:
+    """train.jsonl of every counted utterance, the engines' n-th utterances together; (its path, its lines)."""
+    entries = []
+    for index in range(max((q.accounted for q in queues), default=0)):
+        entries += [entry for q in queues if index < q.accounted and (entry := q.entry(index)) is not None]
+    if not entries:
+        errors = "; ".join(e for q in queues for e in q.stats.errors[:1])
+        raise SynthError(f"nothing was rendered ({errors or 'no usable sentences'})")
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = root / "train.jsonl"
+    partial = manifest.with_name(manifest.name + ".part")
+    partial.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    os.replace(partial, manifest)
+    return manifest, len(entries)
+
+
+def synthesize(config: SynthConfig, log: Callable[[str], None] = lambda _: None) -> SynthReport:
+    """Render ``config.hours`` of speech, an equal share per engine, and write ``train.jsonl`` in ``output_dir``."""
+    _check(config)
     engines_wanted = [e for e in requested_engines(config.voices) if e in ENGINES]
     if not engines_wanted:
         raise SynthError(f"no known engine in {list(config.voices)}; known: all, {', '.join(ENGINES)}")
@@ -262,156 +436,14 @@ def synthesize(config: SynthConfig, log: Callable[[str], None] = lambda _: None)
     if not lines:
         raise SynthError("the text files are empty")
     exclusions = Exclusions.from_manifests(config.exclude)
-    sentences = sentence_stream(lines, config.seed, exclusions, config.min_words, config.max_words)
-
-    root = Path(config.output_dir)
-    ext = audio_extension()
-    engines = list(voices)
-    quota = config.hours * 3600 / len(engines)
-    pool: list[tuple[str, str]] = []  # sentence k goes to engine k % len(engines)
-
-    def sentence(index: int, engine_number: int) -> tuple[str, str] | None:
-        k = index * len(engines) + engine_number
-        while len(pool) <= k:
-            nxt = next(sentences, None)
-            if nxt is None:
-                return None
-            pool.append(nxt)
-        return pool[k]
-
-    rngs = {e: random.Random(f"{config.seed}:{e}") for e in engines}
-    planned: dict[str, list[Job]] = {e: [] for e in engines}
-    texts: dict[str, list[str]] = {e: [] for e in engines}
-
-    def plan(engine: str) -> Job | None:
-        """The engine's next job, drawn in a fixed order so that the plan never depends on timing."""
-        found = sentence(len(planned[engine]), engines.index(engine))
-        if found is None:
-            return None
-        raw, text = found
-        rng = rngs[engine]
-        voice = rng.choice(voices[engine])
-        rate, pitch = round(rng.uniform(*config.rate), 3), round(rng.uniform(*config.pitch), 3)
-        job = Job(voice, raw, rate, pitch, _job_path(root, engine, voice, raw, rate, pitch, ext))
-        planned[engine].append(job)
-        texts[engine].append(text)
-        return job
-
-    stats = {e: EngineStats() for e in engines}
-    durations: dict[str, dict[int, float | str]] = {e: {} for e in engines}  # job index -> seconds or error
-    accounted = dict.fromkeys(engines, 0)  # jobs 0..accounted-1 are counted in stats, in plan order
-    done = dict.fromkeys(engines, False)
-    exhausted = dict.fromkeys(engines, False)
-    inflight: dict[futures.Future, tuple[str, list[int]]] = {}
-
-    def account(engine: str) -> None:
-        s = stats[engine]
-        while not done[engine] and accounted[engine] in durations[engine]:
-            i = accounted[engine]
-            result, job = durations[engine][i], planned[engine][i]
-            accounted[engine] += 1
-            if isinstance(result, str):
-                s.failed += 1
-                if len(s.errors) < 5:
-                    s.errors.append(result)
-                if s.failed >= 20 and s.utterances == 0:
-                    done[engine] = True
-                    log(f"{engine}: giving up after {s.failed} failures, first: {s.errors[0]}")
-                continue
-            s.utterances += 1
-            s.seconds += result
-            s.voices[job.voice] = s.voices.get(job.voice, 0.0) + result
-            if s.seconds >= quota:
-                done[engine] = True
-                log(f"{engine}: {s.utterances} utterances, {s.seconds / 3600:.2f} h")
-        if not done[engine] and exhausted[engine] and accounted[engine] == len(planned[engine]):
-            done[engine] = True
-            log(f"{engine}: ran out of sentences at {s.seconds / 3600:.2f} h")
-
-    def wants_more(engine: str) -> bool:
-        """Not done, and its counted seconds plus an estimate for its unfinished jobs fall short of its quota."""
-        if done[engine] or exhausted[engine]:
-            return False
-        s = stats[engine]
-        mean = s.seconds / s.utterances if s.utterances else 4.0
-        return s.seconds + mean * (len(planned[engine]) - accounted[engine]) < quota
-
-    # Threads suffice: espeak-ng, flite and festival run as child processes, and piper's onnxruntime, libsndfile and
-    # soxr release the GIL. (Processes would have to re-import the caller's main module, or fork onnxruntime's threads.)
-    executor = _Inline() if config.jobs <= 1 else futures.ThreadPoolExecutor(config.jobs, thread_name_prefix="synth")
-    window = 1 if config.jobs <= 1 else 2 * config.jobs
-    turn = 0
-    try:
-        while True:
-            while len(inflight) < window:
-                candidates = [e for e in engines if wants_more(e)]
-                if not candidates:
-                    break
-                engine = candidates[turn % len(candidates)]
-                turn += 1
-                batch: list[int] = []
-                for _ in range(BATCH[engine]):
-                    job = plan(engine)
-                    if job is None:
-                        exhausted[engine] = True
-                        break
-                    index = len(planned[engine]) - 1
-                    if os.path.isfile(job.path):  # rendered by an earlier run
-                        durations[engine][index] = _existing_duration(job.path)
-                    else:
-                        batch.append(index)
-                if batch:
-                    future = executor.submit(_timed_render, [planned[engine][i] for i in batch], config.seed)
-                    inflight[future] = (engine, batch)
-                account(engine)
-            if not inflight:
-                if not any(wants_more(e) for e in engines):
-                    break
-                continue
-            finished, _ = futures.wait(list(inflight), return_when=futures.FIRST_COMPLETED)
-            for future in finished:
-                engine, indices = inflight.pop(future)
-                results, seconds = future.result()
-                s = stats[engine]
-                s.render_seconds += seconds
-                for i, result in zip(indices, results):
-                    durations[engine][i] = result
-                    if not isinstance(result, str):
-                        s.rendered += 1
-                        s.rendered_audio_seconds += result
-                account(engine)
-    finally:
-        executor.shutdown(cancel_futures=True)
-    ran_out = any(exhausted.values())
-
-    manifest = root / "train.jsonl"
-    entries = []
-    for index in range(max(accounted.values(), default=0)):
-        for engine in engines:
-            if index >= accounted[engine]:
-                continue
-            result = durations[engine][index]
-            if isinstance(result, str):
-                continue
-            job = planned[engine][index]
-            entries.append(
-                {
-                    "audio": os.path.relpath(job.path, root),
-                    "duration": round(result, 3),
-                    "text": texts[engine][index],
-                    "raw_text": job.text,
-                    "speaker": job.voice,
-                    "sample_rate": SAMPLE_RATE,
-                }
-            )
-    if not entries:
-        errors = "; ".join(e for s in stats.values() for e in s.errors[:1])
-        raise SynthError(f"nothing was rendered ({errors or 'no usable sentences'})")
-    root.mkdir(parents=True, exist_ok=True)
-    partial = manifest.with_name(manifest.name + ".part")
-    partial.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
-    os.replace(partial, manifest)
-    result = SynthReport(report, stats, manifest, exclusions.dropped, len(entries), ran_out)
+    pool = SentencePool(sentence_stream(lines, config.seed, exclusions, config.min_words, config.max_words), len(voices))
+    root, ext = Path(config.output_dir), audio_extension()
+    quota = config.hours * 3600 / len(voices)
+    queues = [EngineQueue(name, number, names, quota, config, root, ext) for number, (name, names) in enumerate(voices.items())]
+    _render(queues, pool, config, log)
+    manifest, count = _write_manifest(root, queues)
+    stats = {q.name: q.stats for q in queues}
+    result = SynthReport(report, stats, manifest, exclusions.dropped, count, any(q.exhausted for q in queues))
     settings = {**asdict(config), "texts": list(config.texts), "exclude": list(config.exclude)}
     (root / "synth.json").write_text(json.dumps({"settings": settings, **result.to_dict()}, indent=2) + "\n")
     return result

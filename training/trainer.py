@@ -9,6 +9,8 @@ import math
 import os
 import random
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from asr.phones import Pronouncer, phone_vocabulary
 from asr.text import Vocabulary
 
 from .augment import AugmentConfig, FeatureAugment
+from .crf import CTCCRFLoss, PhoneNgram, estimate_bigram
 from .data import (
     FeatureSet,
     SpecAugment,
@@ -41,6 +44,7 @@ from .shards import file_sha256
 from .widen import widen_model
 
 STATE_FILE = "train_state.pt"
+PHONE_LM_FILE = "phone-lm.json"  # the CRF's phone LM, when a run builds its own
 # Settings for adapting an existing model (``init_model``) to minutes or a few hours of new audio: a lower peak rate
 # that keeps what the model knows, a short warm-up, smaller batches so that there are enough steps, fewer epochs.
 FINETUNE_DEFAULTS = {"epochs": 10, "learning_rate": 5e-4, "warmup_steps": 30, "batch_frames": 4_000, "shortest_first_epochs": 0}
@@ -78,6 +82,11 @@ class TrainConfig:
     keep_epochs: int = 3  # the last N epochs' models are kept as epoch-NNN.pt (for `asr average`)
     progress: bool = True
     phone_loss_weight: float = 1.0  # with a phone output layer (model.phone_vocab_size > 0): loss = chars + this x phones
+    # The phone layer's criterion: "ctc", or "crf" (CTC-CRF, training/crf.py: a phone bigram LM normalises over every
+    # competing phone sequence), plus crf_ctc_weight x its plain CTC loss. The character layer always keeps CTC.
+    phone_loss: str = "ctc"
+    phone_lm: str = ""  # the CRF's phone LM (`asr lm phones`); empty: built from the training manifests into output_dir
+    crf_ctc_weight: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.train_manifests:
@@ -96,8 +105,12 @@ class TrainConfig:
             raise ValueError(
                 "warmup_steps, shortest_first_epochs, weight_decay, max_steps and keep_epochs must be >= 0 and checkpoint_every >= 1"
             )
-        if self.phone_loss_weight < 0:
-            raise ValueError("phone_loss_weight must be >= 0")
+        if self.phone_loss_weight < 0 or self.crf_ctc_weight < 0:
+            raise ValueError("phone_loss_weight and crf_ctc_weight must be >= 0")
+        if self.phone_loss not in ("ctc", "crf"):
+            raise ValueError(f"phone_loss must be 'ctc' or 'crf', got {self.phone_loss!r}")
+        if self.phone_loss == "crf" and not self.model.phone_vocab_size:
+            raise ValueError("the CRF loss is for the phone output layer: train with phones (--phones)")
         if not 0 <= self.min_learning_rate_ratio <= 1 or self.max_utterance_seconds <= 0:
             raise ValueError("min_learning_rate_ratio must be in [0, 1] and max_utterance_seconds positive")
 
@@ -164,20 +177,28 @@ def _lr_lambda(config: TrainConfig, total_steps: int):
 
 
 def _rng_state() -> dict:
+    """Every random generator's state, as tensors and numbers (what ``torch.load(weights_only=True)`` reads back)."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": json.dumps(np.random.get_state()[1].tolist()),
-        "python": json.dumps(random.getstate()[1]),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": position, "gauss": [has_gauss, cached_gauss]},
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": python_gauss},
     }
 
 
 def _set_rng_state(state: dict) -> None:
+    """Restore ``_rng_state``'s generators exactly (a state saved by an older version restores torch's only)."""
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.seed(0)
-    random.seed(0)
+    numpy_state, python_state = state.get("numpy"), state.get("python")
+    if isinstance(numpy_state, dict):
+        has_gauss, cached_gauss = numpy_state["gauss"]
+        np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"], has_gauss, cached_gauss))
+    if isinstance(python_state, dict):
+        random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss"]))
 
 
 def best_path_tokens(log_probs: torch.Tensor, vocabulary: Vocabulary) -> list[str]:
@@ -340,6 +361,8 @@ class CTCStep:
 
     Training and speaker adaptation share it. ``extra_loss(log_probs, out_lengths, batch)`` (log_probs (time, batch,
     vocab) float32) adds a term to the summed CTC loss, e.g. a penalty for drifting from another model's outputs.
+    ``phone_criterion`` (e.g. ``training.crf.CTCCRFLoss``) replaces the phone layer's CTC loss. A batch whose loss or
+    gradient is not finite changes no weight: the call returns a NaN loss and counts it in ``skipped_batches``.
     """
 
     def __init__(
@@ -356,6 +379,7 @@ class CTCStep:
         augment: SpecAugment | None = None,
         perturb: FeatureAugment | None = None,
         extra_loss: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor] | None = None,
+        phone_criterion: torch.nn.Module | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler, self.precision = model, optimizer, scheduler, precision
         self.vocabulary_size, self.clip_grad_norm, self.head, self.phone_loss_weight = (
@@ -369,6 +393,8 @@ class CTCStep:
         self.device = next(model.parameters()).device
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision.loss_scaling)
         self.ctc_loss = torch.nn.CTCLoss(blank=0, reduction="sum", zero_infinity=True)
+        self.phone_criterion = phone_criterion
+        self.skipped_batches = 0
 
     def __call__(self, batch: dict) -> tuple[float, float]:
         """Train on ``batch`` (features (batch, frames, mels), lengths, targets, ...): (summed loss, gradient norm)."""
@@ -381,22 +407,43 @@ class CTCStep:
             feats = self.augment(normalised) * model.feature_std + model.feature_mean
         with torch.autocast(device.type, dtype=self.precision.dtype, enabled=self.precision.dtype is not None):
             log_probs, out_lengths, _ = self.forward_model(feats, lengths, head=self.head)
-        log_probs = log_probs.float().transpose(0, 1)
-        chars = self.vocabulary_size
-        loss_sum = self.ctc_loss(log_probs[:, :, :chars], batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device))
-        if self.head == "both":
-            phone_targets, phone_lengths = batch["phone_targets"].to(device), batch["phone_target_lengths"].to(device)
-            loss_sum = loss_sum + self.phone_loss_weight * self.ctc_loss(log_probs[:, :, chars:], phone_targets, out_lengths, phone_lengths)
-        if self.extra_loss is not None:
-            loss_sum = loss_sum + self.extra_loss(log_probs, out_lengths, batch)
+        loss_sum = self._loss(log_probs.float().transpose(0, 1), out_lengths, batch)
         self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss_sum):
+            return self._skip()
         self.scaler.scale(loss_sum / feats.shape[0]).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad_norm))
+        if not math.isfinite(grad_norm) and not self.precision.loss_scaling:  # the scaler skips such steps itself
+            return self._skip()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return loss_sum.item(), grad_norm
+
+    def _loss(self, log_probs: torch.Tensor, out_lengths: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The summed loss of a batch from log_probs (time, batch, vocab) float32."""
+        device, chars = self.device, self.vocabulary_size
+        loss_sum = self.ctc_loss(log_probs[:, :, :chars], batch["targets"].to(device), out_lengths, batch["target_lengths"].to(device))
+        if self.head == "both":
+            phone_targets, phone_lengths = batch["phone_targets"].to(device), batch["phone_target_lengths"].to(device)
+            if self.phone_criterion is not None:
+                phone_loss = self.phone_criterion(log_probs[:, :, chars:], phone_targets, out_lengths, phone_lengths)[0]
+            else:
+                phone_loss = self.ctc_loss(log_probs[:, :, chars:], phone_targets, out_lengths, phone_lengths)
+            loss_sum = loss_sum + self.phone_loss_weight * phone_loss
+        if self.extra_loss is not None:
+            loss_sum = loss_sum + self.extra_loss(log_probs, out_lengths, batch)
+        return loss_sum
+
+    def _skip(self) -> tuple[float, float]:
+        """Leave the weights as they are (the schedule still advances, so that it stays tied to the step count)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": this step has no update, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.skipped_batches += 1
+        return math.nan, math.nan
 
 
 def _load_sets(config: TrainConfig, feature_config: FeatureConfig, main_process: bool, world_size: int) -> tuple[list, list]:
@@ -483,15 +530,36 @@ class _TrainingRun:
             self.phones = (Pronouncer(), units)
         self.train_sets, self.dev_sets = _load_sets(config, self.feature_config, self.main_process, self.world_size)
         max_frames = int(config.max_utterance_seconds * 100)
-        self.examples, skipped = build_examples(self.train_sets, self.vocabulary, config.model.stack_frames, max_frames, self.phones)
+        reasons: Counter = Counter()
+        self.examples, skipped = build_examples(
+            self.train_sets, self.vocabulary, config.model.stack_frames, max_frames, self.phones, reasons
+        )
         if not self.examples:
             raise ValueError("no usable training utterances")
+        self.phone_lm = self._phone_lm() if config.phone_loss == "crf" else None
         self.hours = sum(e.duration for e in self.examples) / 3600
         if self.main_process:
             self.log(
-                f"training on {len(self.examples)} utterances ({self.hours:.2f} h), skipped {skipped}; "
+                f"training on {len(self.examples)} utterances ({self.hours:.2f} h), skipped {skipped}"
+                + (f" ({', '.join(f'{reason}: {count}' for reason, count in reasons.most_common())})" if skipped else "")
+                + "; "
                 f"{self.world_size} process(es) on {self.device}"
             )
+
+    def _phone_lm(self) -> PhoneNgram:
+        """The CRF's phone LM: the configured file, else the one this run built before, else built now and kept."""
+        tokens = self.phones[1].tokens
+        path = Path(self.config.phone_lm) if self.config.phone_lm else self.out / PHONE_LM_FILE
+        if self.config.phone_lm or path.is_file():
+            lm = PhoneNgram.load(path, tokens)
+        else:
+            lm = estimate_bigram([e.phone_targets for e in self.examples], tokens)
+            if self.main_process:
+                lm.save(path)
+                self.log(f"phone bigram LM built from the {len(self.examples)} training transcripts -> {path}")
+        if self.main_process:
+            self.log(f"phone CTC-CRF loss with {path} (CTC weight {self.config.crf_ctc_weight:g})")
+        return lm
 
     def _check_state(self, state: dict | None) -> None:
         """A saved state must be of this run's model and initial model (checked before anything is timed or allocated)."""
@@ -524,6 +592,7 @@ class _TrainingRun:
             forward_model,
             augment=SpecAugment().to(device) if config.specaugment else None,
             perturb=FeatureAugment(config.augment, self.feature_config).to(device) if config.augment.enabled else None,
+            phone_criterion=CTCCRFLoss(self.phone_lm, config.crf_ctc_weight) if self.phone_lm is not None else None,
         )
 
     def _restore(self, state: dict) -> None:
@@ -606,7 +675,11 @@ class _TrainingRun:
             loss_sum, grad_norm = self.step(batch)
             self.global_step += 1
             self.step_in_epoch = batch_index + 1
-            window.add(float(batch["duration"]), loss_sum, batch["features"].shape[0])
+            if math.isfinite(loss_sum):
+                window.add(float(batch["duration"]), loss_sum, batch["features"].shape[0])
+            elif self.main_process:
+                skipped = self.step.skipped_batches
+                self.log(f"step {self.global_step}: the loss or its gradient is not finite; batch skipped ({skipped} so far)")
             if self.global_step % 10 == 0 or self.step_in_epoch == len(batches):
                 self._report(window, grad_norm, progress)
             if progress is not None:

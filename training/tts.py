@@ -23,6 +23,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from asr.errors import CommandError
+
 SAMPLE_RATE = 16_000
 ENGINES = ("piper", "espeak", "flite", "festival")
 INSTALL_HINTS = {
@@ -48,7 +50,7 @@ FESTIVAL_VOICES = {
 PIPER_DEFAULT = "en_US-joe-medium"
 
 
-class SynthesisError(RuntimeError):
+class SynthesisError(CommandError):
     """Raised when an engine cannot render (missing binary, crash, empty audio)."""
 
 

@@ -47,17 +47,7 @@ def tune_decoder(
     if char_weights and not phones:
         raise ValueError("char weights rerank a phone search: tune them with --units phones")
     lm = lm.for_units(recognizer.units)
-    refs, emissions, spans = [], [], {}  # emissions: per utterance, (searched frames, character frames) of each segment
-    for manifest in manifests:
-        utterances = read_manifest(manifest)
-        start = len(refs)
-        for utt in utterances[:limit] if limit else utterances:
-            log_probs, segments = recognizer.segmented_log_probs(iter_audio(utt.audio))
-            parts = [log_probs[a:b] for a, b in segments]
-            emissions.append([(recognizer.select(p, phones), recognizer.select(p, False) if phones else None) for p in parts])
-            refs.append(utt.text)
-        if any(text.strip() for text in refs[start:]):  # a manifest of silences has no WER of its own
-            spans[str(manifest)] = (start, len(refs))
+    refs, emissions, spans = _encode(recognizer, manifests, limit)
     base = lm.settings if beam_size is None else replace(lm.settings, beam_size=beam_size)
     chars = recognizer.vocabulary if phones else None
     neural_lm = NeuralLM.load(lm.lstm_file) if lm.lstm_file is not None else None
@@ -78,6 +68,24 @@ def tune_decoder(
     key = "wer" if criterion == "pooled" else "mean_wer"
     best = min(results, key=lambda r: (r[key], r["cer"]))
     return replace(base, **{k: best[k] for k in ("lm_weight", "word_score", "char_weight", "lstm_weight")}), results
+
+
+def _encode(recognizer: Recognizer, manifests: list[str], limit: int) -> tuple[list[str], list[list[tuple]], dict]:
+    """The references, each utterance's (searched frames, character frames) per segment as ``transcribe`` cuts them,
+    and each manifest's (start, end) among the utterances (manifests of silences left out: they have no WER)."""
+    phones = recognizer.units == "phones"
+    refs, emissions, spans = [], [], {}
+    for manifest in manifests:
+        utterances = read_manifest(manifest)
+        start = len(refs)
+        for utt in utterances[:limit] if limit else utterances:
+            log_probs, segments = recognizer.segmented_log_probs(iter_audio(utt.audio))
+            parts = [log_probs[a:b] for a, b in segments]
+            emissions.append([(recognizer.select(p, phones), recognizer.select(p, False) if phones else None) for p in parts])
+            refs.append(utt.text)
+        if any(text.strip() for text in refs[start:]):
+            spans[str(manifest)] = (start, len(refs))
+    return refs, emissions, spans
 
 
 def _rates(refs: list[str], hypotheses: list[str], spans: dict[str, tuple[int, int]]) -> dict:
